@@ -1,0 +1,11 @@
+"""Triton kernels for GRPO, each with a plain-PyTorch reference in kernels.reference.
+
+CUDA tensors run the Triton kernels; CPU tensors run the reference, or the Triton
+kernels themselves under the interpreter when TRITON_INTERPRET=1 is set before import.
+"""
+
+from .advantages import group_advantages
+from .grpo_loss import grpo_loss
+from .logprobs import token_logprobs
+
+__all__ = ["group_advantages", "grpo_loss", "token_logprobs"]

@@ -1,0 +1,142 @@
+"""Input validation shared by the public ops, and the choice between Triton and reference.
+
+Every check runs before any launch so that bad input fails with a ValueError that names the
+problem instead of a wrong answer or a fault inside a kernel. Checks that need the values
+(id range, finiteness) are batched into one device->host copy.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .reference import IMPORTANCE_LEVELS, LOSS_TYPES, SCALES
+
+# triton.jit reads TRITON_INTERPRET when a kernel is decorated, so it is read once here too.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """CUDA tensors run the Triton kernels; CPU tensors run them only under the interpreter."""
+    return t.is_cuda or (INTERPRET and t.device.type == "cpu")
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def row_config(vocab: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for kernels that sweep one vocabulary row per program."""
+    if device.type != "cuda":
+        return min(next_pow2(vocab), 1024), 4  # interpreter: few, wide numpy steps
+    block = min(next_pow2(vocab), 4096)
+    return block, 8 if block >= 4096 else 4
+
+
+def check_logits_ids(logits: torch.Tensor, ids: torch.Tensor, name: str = "logits") -> None:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
+        raise ValueError(f"{name} must be a (B, T, V) tensor, got shape {shape}")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {logits.dtype}")
+    if logits.shape[-1] < 1 or logits.numel() == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(logits.shape)}")
+    if logits.stride(-1) != 1:
+        raise ValueError(
+            f"{name} must have unit stride on the vocabulary dim, got strides "
+            f"{tuple(logits.stride())}; call .contiguous() first"
+        )
+    if not isinstance(ids, torch.Tensor) or tuple(ids.shape) != tuple(logits.shape[:2]):
+        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids)
+        raise ValueError(f"ids must have shape (B, T) = {tuple(logits.shape[:2])}, got {shape}")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.dtype.is_complex:
+        raise ValueError(f"ids must be an integer tensor, got {ids.dtype}")
+    if ids.device != logits.device:
+        raise ValueError(f"ids are on {ids.device} but {name} on {logits.device}")
+
+
+def check_bt(t: torch.Tensor | None, name: str, like: torch.Tensor) -> None:
+    """A (B, T) per-token tensor (mask, old_logp, ref_logp) on logits' device."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(like.shape[:2]):
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t)
+        raise ValueError(f"{name} must have shape (B, T) = {tuple(like.shape[:2])}, got {shape}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but logits on {like.device}")
+
+
+def check_values(ids: torch.Tensor, vocab: int, finite: dict[str, torch.Tensor]) -> None:
+    """One host sync for all value checks: ids in [0, V) and the named tensors finite."""
+    flags = [((ids < 0) | (ids >= vocab)).any()]
+    flags += [~torch.isfinite(t.float()).all() for t in finite.values()]
+    bad = torch.stack(flags).tolist()
+    if bad[0]:
+        lo, hi = int(ids.min()), int(ids.max())
+        raise ValueError(f"ids must lie in [0, V) = [0, {vocab}), got values in [{lo}, {hi}]")
+    for name, is_bad in zip(finite, bad[1:], strict=True):
+        if is_bad:
+            raise ValueError(f"{name} contains NaN or inf")
+
+
+def check_loss_options(
+    *,
+    temperature: float,
+    beta: float,
+    ref_logp: torch.Tensor | None,
+    eps_low: float,
+    eps_high: float,
+    delta: float | None,
+    loss_type: str,
+    importance_level: str,
+    max_completion_length: int | None,
+    num_items: float | torch.Tensor | None,
+) -> None:
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    if importance_level not in IMPORTANCE_LEVELS:
+        raise ValueError(
+            f"unknown importance_level {importance_level!r}; expected one of {IMPORTANCE_LEVELS}"
+        )
+    if loss_type == "cispo" and importance_level != "token":
+        raise ValueError("loss_type='cispo' is token level only: use importance_level='token'")
+    if loss_type == "cispo" and delta is not None:
+        raise ValueError("loss_type='cispo' caps the ratio with eps_high; delta must be None")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    if beta > 0 and ref_logp is None:
+        raise ValueError(f"beta={beta} > 0 needs ref_logp (the reference model's log-probs)")
+    if eps_low < 0 or eps_high < 0:
+        raise ValueError(f"eps_low and eps_high must be >= 0, got {eps_low}, {eps_high}")
+    if delta is not None and not delta > 0:
+        raise ValueError(f"delta must be > 0 (or None), got {delta}")
+    if max_completion_length is not None and max_completion_length < 1:
+        raise ValueError(f"max_completion_length must be >= 1, got {max_completion_length}")
+    if num_items is not None and not float(num_items) > 0:
+        raise ValueError(f"num_items must be > 0, got {float(num_items)}")
+
+
+def check_rewards(
+    rewards: torch.Tensor, group_size: int, weights: torch.Tensor | None, scale: str
+) -> None:
+    if not isinstance(rewards, torch.Tensor) or rewards.dim() not in (1, 2):
+        shape = tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards)
+        raise ValueError(f"rewards must be (N,) or (N, R), got {shape}")
+    n = rewards.shape[0]
+    if n == 0 or rewards.numel() == 0:
+        raise ValueError(f"rewards are empty: shape {tuple(rewards.shape)}")
+    if int(group_size) != group_size or group_size < 2:
+        raise ValueError(f"group_size must be an integer >= 2, got {group_size}")
+    if n % group_size:
+        raise ValueError(f"N = {n} rewards is not a multiple of group_size = {group_size}")
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; expected one of {SCALES}")
+    if weights is not None:
+        cols = rewards.shape[1] if rewards.dim() == 2 else 1
+        if tuple(weights.shape) != (cols,):
+            got = tuple(weights.shape)
+            raise ValueError(f"weights must have shape (R,) = ({cols},), got {got}")

@@ -1,0 +1,102 @@
+"""Group-relative advantages: the critic-free baseline of GRPO.
+
+Shapes: rewards (N,) or (N, R) for R reward functions (any real dtype, any strides),
+weights (R,); N = num_prompts * group_size with each prompt's group contiguous.
+Output advantages (N,) fp32. Semantics: kernels/reference.py (group_advantages_ref).
+
+One program per group: it loads the group's G x R rewards, combines the columns with the
+weights ignoring NaN (TRL's nansum: a NaN means a reward function does not apply), and
+writes (r - mean) scaled by the group's unbiased std ("group"), by the std of all N
+rewards ("batch", computed beforehand), or unscaled ("none"). Groups with all-equal
+rewards get exactly 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from ._checks import check_rewards, next_pow2, use_triton
+
+SCALE_MODES = {"group": 0, "batch": 1, "none": 2}
+
+
+@triton.jit
+def _group_advantages_kernel(rew_ptr, wts_ptr, batch_std_ptr, adv_ptr, mean_ptr, std_ptr,
+                             G, R, stride_n, stride_r, eps,
+                             HAS_WEIGHTS: tl.constexpr, SCALE: tl.constexpr,
+                             BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr):
+    group = tl.program_id(0).to(tl.int64)
+    g_offs = tl.arange(0, BLOCK_G)
+    r_offs = tl.arange(0, BLOCK_R)
+    rows = group * G + g_offs
+    valid = g_offs < G
+    ptrs = rew_ptr + rows[:, None] * stride_n + r_offs[None, :] * stride_r
+    x = tl.load(ptrs, mask=valid[:, None] & (r_offs[None, :] < R), other=0.0).to(tl.float32)
+    if HAS_WEIGHTS:
+        x = x * tl.load(wts_ptr + r_offs, mask=r_offs < R, other=0.0)[None, :]
+    x = tl.where(x == x, x, 0.0)  # nansum
+    r = tl.sum(x, 1)  # (BLOCK_G,)
+    mean = tl.sum(tl.where(valid, r, 0.0), 0) / G
+    centred = tl.where(valid, r - mean, 0.0)
+    std = tl.sqrt(tl.sum(centred * centred, 0) / (G - 1))
+    if SCALE == 0:
+        adv = centred / (std + eps)
+    elif SCALE == 1:
+        adv = centred / (tl.load(batch_std_ptr) + eps)
+    else:
+        adv = centred
+    adv = tl.where(std <= 1e-8, 0.0, adv)  # all-equal group: no signal, exactly 0
+    tl.store(adv_ptr + rows, adv, mask=valid)
+    tl.store(mean_ptr + group, mean)
+    tl.store(std_ptr + group, std)
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    *,
+    weights: torch.Tensor | None = None,
+    scale: str = "group",
+    eps: float = 1e-4,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Advantages (N,) fp32 and stats {reward_mean, reward_std, frac_zero_std}.
+
+    rewards (N,) or (N, R); weights (R,) combine the R reward functions.
+    scale: "group" (r - mean) / (group std + eps), "batch" / (std of all r + eps), "none".
+    """
+    check_rewards(rewards, group_size, weights, scale)
+    group_size = int(group_size)
+    if weights is not None:
+        weights = weights.to(device=rewards.device, dtype=torch.float32)
+    if not use_triton(rewards):
+        return reference.group_advantages_ref(
+            rewards, group_size, weights=weights, scale=scale, eps=eps
+        )
+    n = rewards.shape[0]
+    n_groups = n // group_size
+    r2d = rewards if rewards.dim() == 2 else rewards.unsqueeze(-1)  # (N, R)
+    if not r2d.dtype.is_floating_point:
+        r2d = r2d.float()
+    dev = rewards.device
+    adv = torch.empty(n, device=dev, dtype=torch.float32)
+    group_mean = torch.empty(n_groups, device=dev, dtype=torch.float32)
+    group_std = torch.empty(n_groups, device=dev, dtype=torch.float32)
+    # The batch std needs every group first: one small reduction before the launch.
+    batch_std = reference.combine_rewards(r2d, weights).std().reshape(1) if scale == "batch" \
+        else group_std
+    _group_advantages_kernel[(n_groups,)](
+        r2d, weights if weights is not None else group_std, batch_std, adv, group_mean,
+        group_std, group_size, r2d.shape[1], r2d.stride(0), r2d.stride(1), float(eps),
+        HAS_WEIGHTS=weights is not None, SCALE=SCALE_MODES[scale],
+        BLOCK_G=next_pow2(group_size), BLOCK_R=next_pow2(r2d.shape[1]),
+    )
+    zero_std = group_std <= 1e-8
+    stats = {
+        "reward_mean": group_mean.mean(),
+        "reward_std": batch_std[0] if scale == "batch" else group_std.mean(),
+        "frac_zero_std": zero_std.float().mean(),
+    }
+    return adv, stats

@@ -1,0 +1,247 @@
+"""Plain-PyTorch references: the specification of every op in `kernels`.
+
+Read this file as the definition of GRPO's per-token maths. Every function computes in fp32
+whatever the input dtype, keeps autograd intact where a gradient exists, and favours clarity
+over speed. The Triton kernels are tested against these functions.
+
+Conventions follow TRL's GRPOTrainer:
+    z       = logits / temperature                                  # (B, T, V)
+    logp    = z[id] - logsumexp(z)                                  # (B, T)
+    r       = exp(logp - old_logp)        (old_logp None: on-policy, r == 1 but with gradient)
+    PPO:    l = -min(r' * A, clamp(r, 1 - eps_low, 1 + eps_high) * A),  r' = min(r, delta)
+    CISPO:  l = -sg(min(r, eps_high)) * A * logp
+    GSPO:   r -> s_bt = sg(s_b) * exp(logp - sg(logp)),  s_b = exp(sum_t m (logp - old) / len_b)
+    KL k3:  l += beta * (exp(ref - logp) - (ref - logp) - 1)
+    bonus:  l -= entropy_coef * H_t
+and the loss aggregates the masked per-token `l` by `loss_type` (see `aggregation_weights`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+IMPORTANCE_LEVELS = ("token", "sequence")
+SCALES = ("group", "batch", "none")
+STAT_NAMES = ("kl", "clip_low", "clip_high", "clip_region", "entropy", "logp_mean")
+
+
+def _log_softmax_and_entropy(
+    logits: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    z = logits.float() / temperature  # (B, T, V)
+    log_probs = torch.log_softmax(z, dim=-1)  # (B, T, V)
+    probs = log_probs.exp()
+    # p * log p is 0 where p == 0, also for logits at -inf (0 * -inf would be NaN).
+    plogp = torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs))
+    entropy = -plogp.sum(-1)  # (B, T)
+    return log_probs, entropy
+
+
+def token_logprobs_ref(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, T, V), ids (B, T) -> log p(ids) (B, T) fp32 [, entropy (B, T) fp32]."""
+    with torch.no_grad():
+        log_probs, entropy = _log_softmax_and_entropy(logits, temperature)
+        logp = log_probs.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return (logp, entropy) if return_entropy else logp
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum(m * x) / sum(m) over all tokens; 0 (not NaN) when the mask is empty."""
+    denom = mask.sum()
+    total = (x * mask).sum()
+    return torch.where(denom > 0, total / denom.clamp(min=1e-30), torch.zeros_like(total))
+
+
+def aggregation_weights(
+    mask: torch.Tensor,
+    loss_type: str,
+    max_completion_length: int | None = None,
+    num_items: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Weight w (B, T) of each token's loss, so that loss = sum(w * l).
+
+    grpo:               m / (len_b * B), len_b = max(sum_t m, 1)   (mean of sequence means)
+    dr_grpo:            m / (B * max_completion_length)           (default T)
+    bnpo, dapo, cispo:  m / num_items                             (default max(sum m, 1))
+    """
+    m = mask.float()  # (B, T)
+    batch, seq_len = m.shape
+    if loss_type == "grpo":
+        return m / (m.sum(-1, keepdim=True).clamp(min=1.0) * batch)
+    if loss_type == "dr_grpo":
+        return m / (batch * (max_completion_length or seq_len))
+    if num_items is None:
+        num_items = m.sum().clamp(min=1.0)
+    return m / num_items
+
+
+def grpo_per_token_loss(
+    logp: torch.Tensor,
+    entropy: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    *,
+    beta: float = 0.0,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    delta: float | None = None,
+    loss_type: str = "grpo",
+    importance_level: str = "token",
+    entropy_coef: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO's per-token loss `l` (B, T) from the policy's log-probs and entropies (B, T).
+
+    Differentiable in logp and entropy. Also returns the per-token terms behind the
+    statistics: kl (B, T) and the boolean clip_low / clip_high (B, T).
+    """
+    m = mask.float()  # (B, T)
+    adv = advantages.float().unsqueeze(-1)  # (B, 1)
+    old = logp.detach() if old_logp is None else old_logp.float()
+    log_ratio = logp - old  # (B, T)
+
+    if importance_level == "sequence":
+        # GSPO: one ratio per sequence; its token form gives each token the sequence's
+        # value and routes the gradient through that token's own log-prob.
+        len_b = m.sum(-1, keepdim=True).clamp(min=1.0)  # (B, 1)
+        seq_log_ratio = (log_ratio * m).sum(-1, keepdim=True) / len_b  # (B, 1)
+        ratio = seq_log_ratio.detach().exp() * torch.exp(logp - logp.detach())  # (B, T)
+    else:
+        ratio = torch.exp(log_ratio)  # (B, T)
+
+    if loss_type == "cispo":
+        capped = torch.clamp(ratio, max=eps_high).detach()
+        per_token = -capped * adv * logp
+        clip_low = torch.zeros_like(ratio, dtype=torch.bool)
+        clip_high = (ratio > eps_high) & (adv > 0)
+    else:
+        unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)
+        clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+        per_token = -torch.min(unclipped * adv, clipped * adv)
+        clip_low = (ratio < 1.0 - eps_low) & (adv < 0)
+        clip_high = (ratio > 1.0 + eps_high) & (adv > 0)
+
+    if ref_logp is not None and beta != 0.0:
+        diff = ref_logp.float() - logp
+        kl = torch.exp(diff) - diff - 1.0  # k3 estimator, >= 0
+        per_token = per_token + beta * kl
+    else:
+        kl = torch.zeros_like(logp)
+    if entropy_coef != 0.0:
+        per_token = per_token - entropy_coef * entropy
+    return per_token, {"kl": kl, "clip_low": clip_low, "clip_high": clip_high}
+
+
+def grpo_stats(
+    terms: dict[str, torch.Tensor], logp: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Masked token means of the statistics named in STAT_NAMES (0-dim fp32 tensors)."""
+    m = mask.float()
+    low, high = terms["clip_low"], terms["clip_high"]
+    return {
+        "kl": masked_mean(terms["kl"].detach().float(), m),
+        "clip_low": masked_mean(low.float(), m),
+        "clip_high": masked_mean(high.float(), m),
+        "clip_region": masked_mean((low | high).float(), m),
+        "entropy": masked_mean(entropy.detach().float(), m),
+        "logp_mean": masked_mean(logp.detach().float(), m),
+    }
+
+
+def grpo_loss_ref(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    beta: float = 0.0,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    delta: float | None = None,
+    loss_type: str = "grpo",
+    importance_level: str = "token",
+    max_completion_length: int | None = None,
+    num_items: float | torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+    inplace: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The GRPO loss and its statistics; autograd gives d loss / d logits.
+
+    logits (B, T, V) with logits[b, t] predicting ids[b, t]; advantages (B,); mask (B, T);
+    old_logp, ref_logp (B, T). `inplace` is accepted for signature parity and ignored.
+    Returns (loss 0-dim fp32, stats dict of 0-dim fp32 tensors named in STAT_NAMES).
+    """
+    del inplace
+    log_probs, entropy = _log_softmax_and_entropy(logits, temperature)  # (B, T, V), (B, T)
+    logp = log_probs.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)  # (B, T)
+    per_token, terms = grpo_per_token_loss(
+        logp, entropy, advantages, mask, old_logp, ref_logp, beta=beta, eps_low=eps_low,
+        eps_high=eps_high, delta=delta, loss_type=loss_type, importance_level=importance_level,
+        entropy_coef=entropy_coef,
+    )
+    weights = aggregation_weights(mask, loss_type, max_completion_length, num_items)
+    loss = (per_token * weights).sum()
+    return loss, grpo_stats(terms, logp, entropy, mask)
+
+
+def combine_rewards(rewards: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,) or (N, R) rewards -> (N,) fp32. Columns are weighted and summed ignoring NaN, as
+    TRL does: a NaN means that reward function does not apply to that sample."""
+    r = rewards.float()
+    if r.dim() == 1:
+        r = r.unsqueeze(-1)
+    if weights is not None:
+        r = r * weights.float().to(r.device)
+    return torch.nansum(r, dim=-1)
+
+
+def group_advantages_ref(
+    rewards: torch.Tensor,
+    group_size: int,
+    *,
+    weights: torch.Tensor | None = None,
+    scale: str = "group",
+    eps: float = 1e-4,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO advantages: each reward minus its group's mean, scaled by a std.
+
+    rewards (N,) or (N, R), N = num_prompts * group_size with groups contiguous.
+    scale "group": / (group std + eps); "batch": / (std of all N rewards + eps); "none": as is.
+    std is the unbiased sample std. Groups whose rewards are all equal (std ~ 0, as
+    torch.isclose(std, 0)) get advantage exactly 0. Stats: reward_mean (over all N),
+    reward_std (mean over groups of the std used to scale: group std, or the batch std),
+    frac_zero_std (fraction of groups with all-equal rewards).
+    """
+    r = combine_rewards(rewards, weights)  # (N,)
+    grouped = r.view(-1, group_size)  # (P, G)
+    mean = grouped.mean(-1, keepdim=True)  # (P, 1)
+    std = grouped.std(-1, keepdim=True)  # (P, 1), unbiased
+    zero_std = std <= 1e-8
+    centred = grouped - mean
+    if scale == "group":
+        scale_std = std
+        adv = centred / (std + eps)
+    elif scale == "batch":
+        scale_std = r.std().expand_as(std)
+        adv = centred / (scale_std + eps)
+    else:
+        scale_std = std
+        adv = centred
+    adv = torch.where(zero_std, torch.zeros_like(adv), adv)
+    stats = {
+        "reward_mean": r.mean(),
+        "reward_std": scale_std.mean(),
+        "frac_zero_std": zero_std.float().mean(),
+    }
+    return adv.reshape(-1), stats
