@@ -42,13 +42,14 @@ def _group_advantages_kernel(rew_ptr, wts_ptr, batch_std_ptr, adv_ptr, mean_ptr,
     mean = tl.sum(tl.where(valid, r, 0.0), 0) / G
     centred = tl.where(valid, r - mean, 0.0)
     std = tl.sqrt(tl.sum(centred * centred, 0) / (G - 1))
+    zero_std = std <= 1e-8
     if SCALE == 0:
-        adv = centred / (std + eps)
+        adv = centred / (tl.where(zero_std, 1.0, std) + eps)  # no 0/0 when eps == 0
     elif SCALE == 1:
         adv = centred / (tl.load(batch_std_ptr) + eps)
     else:
         adv = centred
-    adv = tl.where(std <= 1e-8, 0.0, adv)  # all-equal group: no signal, exactly 0
+    adv = tl.where(zero_std, 0.0, adv)  # all-equal group: no signal, exactly 0
     tl.store(adv_ptr + rows, adv, mask=valid)
     tl.store(mean_ptr + group, mean)
     tl.store(std_ptr + group, std)

@@ -246,7 +246,8 @@ def grpo_loss(
     grad = None
     with torch.no_grad():
         if needs_grad:
-            grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype,
+            # detach(): the same storage, but a tensor autograd may take over as .grad.
+            grad = logits.detach() if inplace else torch.empty(logits.shape, dtype=logits.dtype,
                                                       device=logits.device)
         if needs_grad and importance_level == "token":
             per_token, logp, ent, terms = _token_level_fused(

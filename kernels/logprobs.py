@@ -21,8 +21,9 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._checks import check_logits_ids, check_values, row_config, use_triton
+from ._checks import INTERPRET, check_logits_ids, check_values, row_config, use_triton
 
+_EMULATE_BF16_ROUNDING = tl.constexpr(INTERPRET)
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 
@@ -54,6 +55,18 @@ def _lse_sweep(row_ptr, V, scale, BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.conste
 
 
 @triton.jit
+def _round_to(x, dtype: tl.constexpr):
+    """fp32 -> dtype, rounding to nearest even as the GPU's cast does. The interpreter's
+    fp32 -> bf16 cast truncates, so there the rounding is done on the bits."""
+    if _EMULATE_BF16_ROUNDING and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
 def _logp_entropy_grad_sweep(row_ptr, grad_row_ptr, idx, V, lse2, ent, g, h, scale, inv_temp,
                              BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr,
                              EVICT: tl.constexpr):
@@ -66,11 +79,11 @@ def _logp_entropy_grad_sweep(row_ptr, grad_row_ptr, idx, V, lse2, ent, g, h, sca
         x = tl.load(row_ptr + cols, mask=valid, other=float("-inf"), eviction_policy=EVICT)
         y2 = x.to(tl.float32) * scale - lse2  # log2 p_j
         p = tl.exp2(y2)
-        coef = g
+        d = tl.where(cols == idx, g, 0.0) - p * g
         if WITH_ENTROPY:
-            coef = g + h * (y2 * 0.6931471805599453 + ent)
-        d = tl.where(cols == idx, g, 0.0) - p * coef
-        tl.store(grad_row_ptr + cols, (d * inv_temp).to(grad_row_ptr.dtype.element_ty),
+            # p log p -> 0 where p == 0 (logits at -inf): select before multiplying.
+            d -= h * p * tl.where(p > 0, y2 * 0.6931471805599453 + ent, 0.0)
+        tl.store(grad_row_ptr + cols, _round_to(d * inv_temp, grad_row_ptr.dtype.element_ty),
                  mask=valid)
 
 
