@@ -73,8 +73,11 @@ def _logp_entropy_grad_sweep(row_ptr, grad_row_ptr, idx, V, lse2, ent, g, h, sca
     """Write d L / d logits of one row given g = dL/dlogp and h = dL/dH (natural units):
     inv_temp * (g [j == id] - p_j (g + h (log p_j + H))). lse2 is logsumexp in base 2."""
     offs = tl.arange(0, BLOCK_V)
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
+    n_blocks = tl.cdiv(V, BLOCK_V)
+    for i in range(0, n_blocks):
+        # Backwards: the end of the row was read last by the LSE sweep, so it is the part
+        # most likely still in L2 (a forward re-scan evicts just what it needs next).
+        cols = (n_blocks - 1 - i) * BLOCK_V + offs
         valid = cols < V
         x = tl.load(row_ptr + cols, mask=valid, other=float("-inf"), eviction_policy=EVICT)
         y2 = x.to(tl.float32) * scale - lse2  # log2 p_j
