@@ -197,7 +197,7 @@ def _stream_checkpoint(model: PreTrainedModel, path: Path, model_type: str) -> N
                         continue
                     raise CheckpointError(f"{file}: unexpected tensor {key} (no such parameter "
                                           f"or buffer in {type(model).__name__})")
-                _copy(f, key, file, targets[name])
+                _copy(f, key, file, targets[name], adopt=True)
                 loaded.add(name)
     _check_complete(path, targets, aliases, non_persistent, loaded, pieces)
 
@@ -220,9 +220,16 @@ def _read(f, key: str, file: Path, expected: tuple[int, ...]) -> torch.Tensor:
     return tensor
 
 
-def _copy(f, key: str, file: Path, target: torch.Tensor) -> None:
+def _copy(f, key: str, file: Path, target: torch.Tensor, adopt: bool = False) -> None:
+    """Fill target from the checkpoint. With adopt, a host tensor of the same dtype takes
+    the file's memory-mapped storage instead (no copy; pages are read when first used and
+    copied on first write, so the file is never modified)."""
+    tensor = _read(f, key, file, tuple(target.shape))
+    if adopt and target.device.type == "cpu" and tensor.dtype == target.dtype:
+        target.data = tensor
+        return
     with torch.no_grad():
-        target.copy_(_read(f, key, file, tuple(target.shape)))
+        target.copy_(tensor)
 
 
 def _copy_piece(f, key: str, file: Path, piece: ExpertPiece, targets: dict) -> None:
