@@ -22,12 +22,19 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 from .layout import CheckpointError, ExpertPiece, check_family, to_model_name
 
 MOE_BACKENDS = ("auto", "grouped_mm", "eager")
 ATTN_BACKENDS = ("auto", "sdpa", "eager", "flash_attention_2")
+_GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -269,4 +276,10 @@ def _check_complete(path, targets, aliases, non_persistent, loaded, pieces) -> N
 def _load_tokenizer(path: Path):
     if not any((path / f).is_file() for f in _TOKENIZER_FILES):
         raise CheckpointError(f"{path}: no tokenizer files (expected one of {_TOKENIZER_FILES})")
+    config_file = path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if config.get("tokenizer_class") in _GENERIC_TOKENIZERS and (path / "tokenizer.json").is_file():
+        # AutoTokenizer would pick the model family's class (e.g. Qwen2Tokenizer), which
+        # rebuilds the pipeline and silently changes how a custom tokenizer.json encodes.
+        return PreTrainedTokenizerFast.from_pretrained(path)
     return AutoTokenizer.from_pretrained(path)

@@ -98,6 +98,20 @@ def test_bf16_load_keeps_fp32_buffers_and_recomputes_rotary(tiny_dirs):
     assert next(model.parameters()).dtype == torch.bfloat16
 
 
+def test_tokenizer_keeps_its_own_pipeline(tiny_dirs, tmp_path):
+    """The character tokenizer survives load -> save -> load: spaces stay tokens (transformers'
+    AutoTokenizer would swap in the family's byte-level pipeline and drop them)."""
+    text = "<think>12-5=7, so 7</think> <answer>7</answer>"
+    model, tok = load_model(tiny_dirs["qwen2"], dtype=torch.float32)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text) - sum(len(t) - 1 for t in ("<think>", "</think>", "<answer>",
+                                                               "</answer>"))
+    assert tok.decode(ids) == text
+    save_model(model, tok, tmp_path / "saved")
+    _, again = load_model(tmp_path / "saved", dtype=torch.float32)
+    assert again(text, add_special_tokens=False)["input_ids"] == ids
+
+
 def test_tied_embeddings_stay_one_tensor(tmp_path):
     src = make_tiny(tmp_path / "src", family="qwen2")
     config = json.loads((src / "config.json").read_text())

@@ -1,0 +1,1 @@
+"""GRPO training loop: config, data, rewards, rollout, trainer, checkpoints, metrics, CLI."""

@@ -1,0 +1,451 @@
+"""Rule-based rewards, as in DeepSeek-R1-Zero: programs that check a completion.
+
+A reward function has the signature ``fn(completions, **columns) -> list[float | None]``:
+
+- ``completions``: the decoded completion texts (EOS/PAD already stripped);
+- ``columns``: the batch's example columns as lists aligned with ``completions``
+  (``answer=[...]``, ``numbers=[...]``, ``target=[...]``), plus ``completion_lengths``
+  (tokens), ``truncated`` (bool per completion) and ``max_completion_length`` (a plain int).
+
+Every function takes ``**kwargs`` and ignores the columns it does not use, so the trainer can
+pass the whole batch to each. ``None`` means "does not apply to this sample" (TRL's
+convention); ``score`` turns it into NaN for ``group_advantages`` to skip.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from fractions import Fraction
+from typing import Any
+
+import torch
+
+RewardFn = Callable[..., list]
+
+__all__ = [
+    "REWARDS",
+    "RewardError",
+    "accuracy_reward",
+    "countdown_reward",
+    "extract_answer",
+    "format_reward",
+    "language_consistency_reward",
+    "normalize_number",
+    "overlong_reward",
+    "resolve_reward",
+    "score",
+]
+
+
+class RewardError(RuntimeError):
+    """A reward function misbehaved: it raised, or returned the wrong count or a NaN/inf."""
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing helpers
+
+
+def extract_answer(text: str) -> str | None:
+    """Content of the last ``<answer>...</answer>`` block, stripped; None if there is none.
+
+    Searching backwards from the last closing tag picks the innermost-last block, so text like
+    ``<answer>a<answer>b</answer>`` yields ``b`` rather than ``a<answer>b``.
+    """
+    end = text.rfind("</answer>")
+    if end < 0:
+        return None
+    start = text.rfind("<answer>", 0, end)
+    if start < 0:
+        return None
+    return text[start + len("<answer>"):end].strip()
+
+
+_THOUSANDS = re.compile(r"-?\d{1,3}(,\d{3})+(\.\d*)?")
+_DECIMAL = re.compile(r"-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_FRACTION = re.compile(r"-?\d+/\d+")
+# Exponents beyond this would build huge integers for no plausible answer ("1e999999999").
+_MAX_EXPONENT = 100
+
+
+def _to_fraction(s: str) -> Fraction | None:
+    """Parse a number in any supported spelling to an exact Fraction, or None."""
+    s = "".join(s.split())  # "1 000" and "- 5" are still numbers
+    if s.startswith("+"):
+        s = s[1:]
+    if _THOUSANDS.fullmatch(s):
+        s = s.replace(",", "")
+    if _FRACTION.fullmatch(s):
+        num, den = s.split("/")
+        if int(den) == 0:
+            return None
+        return Fraction(int(num), int(den))
+    m = _DECIMAL.fullmatch(s)
+    if m is None:
+        return None
+    if m.group(2) and abs(int(m.group(2)[1:])) > _MAX_EXPONENT:
+        return None
+    return Fraction(s)
+
+
+def normalize_number(s: str) -> str | None:
+    """Canonical string of a number, or None if ``s`` is not one.
+
+    Accepts spaces, a leading "+", commas as thousands separators ("1,234" but not "1,2"),
+    decimals ("0.50", "5."), exponents ("1e3") and fractions ("3/4"). Values that are equal
+    get the same string: integers print plainly ("-0" -> "0", "2.0" -> "2"), terminating
+    fractions as decimals without trailing zeros ("3/4" -> "0.75"), others as reduced "p/q".
+    """
+    if not isinstance(s, str):
+        s = str(s)
+    value = _to_fraction(s)
+    if value is None:
+        return None
+    if value.denominator == 1:
+        return str(value.numerator)
+    den = value.denominator
+    twos = fives = 0
+    while den % 2 == 0:
+        den //= 2
+        twos += 1
+    while den % 5 == 0:
+        den //= 5
+        fives += 1
+    if den != 1:  # does not terminate in base 10: keep it exact
+        return f"{value.numerator}/{value.denominator}"
+    places = max(twos, fives)
+    scaled = abs(value.numerator) * 10**places // value.denominator
+    digits = str(scaled).rjust(places + 1, "0")
+    sign = "-" if value < 0 else ""
+    return f"{sign}{digits[:-places]}.{digits[-places:]}".rstrip("0")
+
+
+def _norm_text(s: str) -> str:
+    return " ".join(s.split())
+
+
+# --------------------------------------------------------------------------------------------
+# Rewards
+
+
+def accuracy_reward(
+    completions: list[str], answer: Sequence[Any], **kwargs: Any
+) -> list[float | None]:
+    """1.0 if the last ``<answer>`` equals the reference, else 0.0 (None where answer is None).
+
+    Numbers compare by value (``normalize_number``: "1,000" == "1000.0", "3/4" == "0.75");
+    anything else compares as text after collapsing whitespace.
+    """
+    out: list[float | None] = []
+    for text, ref in zip(completions, answer, strict=True):
+        if ref is None:
+            out.append(None)
+            continue
+        pred = extract_answer(text)
+        if pred is None:
+            out.append(0.0)
+            continue
+        ref = str(ref)
+        pred_num, ref_num = normalize_number(pred), normalize_number(ref)
+        if pred_num is not None and ref_num is not None:
+            out.append(float(pred_num == ref_num))
+        else:
+            out.append(float(_norm_text(pred) == _norm_text(ref)))
+    return out
+
+
+# Leading whitespace is allowed: the R1-Zero template ends with "Assistant:" and a model
+# naturally continues with " <think>"; everything else is as strict as R1's format check.
+_FORMAT = re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", re.DOTALL)
+_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+def format_reward(completions: list[str], **kwargs: Any) -> list[float]:
+    """1.0 iff the completion is one ``<think>...</think>`` block then one ``<answer>...</answer>``
+    block, with only whitespace between, before and after them; else 0.0."""
+    out = []
+    for text in completions:
+        # The regex alone would accept a second think block inside the first ".*?"; counting
+        # the tags enforces "exactly one of each".
+        ok = _FORMAT.fullmatch(text) is not None and all(text.count(t) == 1 for t in _TAGS)
+        out.append(float(ok))
+    return out
+
+
+def _is_latin(c: str) -> bool:
+    o = ord(c)
+    # ASCII letters, Latin-1 letters (without the multiplication and division signs),
+    # Latin Extended-A/B and Latin Extended Additional (Vietnamese and friends).
+    return (
+        ("a" <= c <= "z") or ("A" <= c <= "Z")
+        or (0xC0 <= o <= 0x24F and o not in (0xD7, 0xF7))
+        or (0x1E00 <= o <= 0x1EFF)
+    )
+
+
+_CJK_RANGES = (
+    (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2A6DF),
+    (0x2A700, 0x2EBEF), (0x30000, 0x3134F),
+)
+
+
+def _is_cjk(c: str) -> bool:
+    o = ord(c)
+    return any(lo <= o <= hi for lo, hi in _CJK_RANGES)
+
+
+_SCRIPTS: dict[str, Callable[[str], bool]] = {"en": _is_latin, "zh": _is_cjk}
+_THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+
+
+def language_consistency_reward(
+    completions: list[str], language: str | Sequence[str] = "en", **kwargs: Any
+) -> list[float]:
+    """DeepSeek-R1's language-consistency reward: the share of target-language characters in
+    the reasoning.
+
+    The reasoning is the content of the ``<think>`` blocks. Among its letters and ideographs
+    (``str.isalpha``: digits, symbols and spaces are neutral), the score is the fraction in the
+    target script: Latin letters for "en", CJK ideographs for "zh". No reasoning, or reasoning
+    without any letter, scores 0.0. ``language`` is a str or a per-sample column.
+    """
+    langs = [language] * len(completions) if isinstance(language, str) else list(language)
+    if len(langs) != len(completions):
+        raise ValueError(f"language has {len(langs)} values for {len(completions)} completions")
+    out = []
+    for text, lang in zip(completions, langs, strict=True):
+        if lang not in _SCRIPTS:
+            raise ValueError(f"unsupported language {lang!r}; choose one of {sorted(_SCRIPTS)}")
+        reasoning = "".join(_THINK.findall(text))
+        letters = [c for c in reasoning if c.isalpha()]
+        if not letters:
+            out.append(0.0)
+            continue
+        in_script = _SCRIPTS[lang]
+        out.append(sum(map(in_script, letters)) / len(letters))
+    return out
+
+
+_ALLOWED_OPS = {ast.Add: Fraction.__add__, ast.Sub: Fraction.__sub__,
+                ast.Mult: Fraction.__mul__, ast.Div: Fraction.__truediv__}
+_EXPR_CHARS = re.compile(r"[\d+\-*/()\s]+")
+# Long enough for any sensible equation; bounds the parser's work on adversarial text.
+_MAX_EXPR_CHARS = 256
+
+
+def _eval_countdown(expr: str) -> tuple[Fraction, list[int]] | None:
+    """Value and integer literals of an expression of integers, + - * / and parentheses.
+
+    Returns None if the text is anything else (unary minus, floats, names, calls...) or divides
+    by zero. Walks the AST itself with a whitelist: never eval().
+    """
+    if len(expr) > _MAX_EXPR_CHARS or not _EXPR_CHARS.fullmatch(expr):
+        return None
+    try:
+        tree = ast.parse(expr.strip(), mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    literals: list[int] = []
+
+    def walk(node: ast.AST) -> Fraction:
+        if isinstance(node, ast.BinOp) and type(node.op) in _ALLOWED_OPS:
+            return _ALLOWED_OPS[type(node.op)](walk(node.left), walk(node.right))
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            literals.append(node.value)
+            return Fraction(node.value)
+        raise ValueError(f"disallowed syntax: {type(node).__name__}")
+
+    try:
+        return walk(tree.body), literals
+    except (ValueError, ZeroDivisionError, RecursionError):
+        return None
+
+
+def countdown_reward(
+    completions: list[str], numbers: Sequence[Sequence[int]], target: Sequence[int],
+    **kwargs: Any,
+) -> list[float]:
+    """1.0 if the last ``<answer>`` is an expression that reaches ``target`` exactly, else 0.0.
+
+    Allowed: integers, + - * /, parentheses (no unary minus). Each given number may be used at
+    most once and no other number may appear. Arithmetic is exact (Fractions), so 7/2*2 == 7;
+    division by zero scores 0.
+    """
+    out = []
+    for text, nums, tgt in zip(completions, numbers, target, strict=True):
+        expr = extract_answer(text)
+        parsed = _eval_countdown(expr) if expr else None
+        if parsed is None:
+            out.append(0.0)
+            continue
+        value, used = parsed
+        # Counter subtraction keeps only positive counts: anything left was not available.
+        over = Counter(used) - Counter(int(n) for n in nums)
+        out.append(float(not over and value == Fraction(int(tgt))))
+    return out
+
+
+def _per_sample(value: Any, i: int) -> Any:
+    """The i-th item of a column given as a list, or the value itself if it is a scalar."""
+    return value[i] if isinstance(value, (list, tuple)) else value
+
+
+def overlong_reward(
+    completions: list[str], completion_lengths: Sequence[int],
+    max_completion_length: int | Sequence[int], overlong_buffer: int | None = None,
+    truncated: Sequence[bool] | None = None, **kwargs: Any,
+) -> list[float]:
+    """DAPO's soft overlong punishment, in [-1, 0].
+
+    With L = max_completion_length and B = overlong_buffer (default L // 4): 0 while the length
+    is at most L - B, then a linear ramp (L - B - length) / B down to -1 at L, and -1 beyond L
+    or when the completion was truncated (it never finished, whatever its length).
+    """
+    out = []
+    for i, length in enumerate(completion_lengths):
+        max_len = int(_per_sample(max_completion_length, i))
+        buffer = max_len // 4 if overlong_buffer is None else int(overlong_buffer)
+        if not 0 <= buffer <= max_len:
+            raise ValueError(f"overlong_buffer must be in [0, {max_len}], got {buffer}")
+        if length > max_len or (truncated is not None and truncated[i]):
+            out.append(-1.0)
+        elif length <= max_len - buffer:
+            out.append(0.0)
+        else:  # buffer > 0 here, since max_len - buffer < length <= max_len
+            out.append((max_len - buffer - length) / buffer)
+    return out
+
+
+REWARDS: dict[str, RewardFn] = {
+    "accuracy": accuracy_reward,
+    "format": format_reward,
+    "language": language_consistency_reward,
+    "countdown": countdown_reward,
+    "overlong": overlong_reward,
+}
+
+
+def resolve_reward(spec: str) -> tuple[str, RewardFn]:
+    """Turn a reward spec into ``(name, fn)``: a ``REWARDS`` name, or ``"package.module:function"``
+    (imported; the name is then the function's part of the spec)."""
+    if spec in REWARDS:
+        return spec, REWARDS[spec]
+    if ":" not in spec:
+        raise ValueError(
+            f"unknown reward {spec!r}: use one of {sorted(REWARDS)} or 'package.module:function'"
+        )
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"reward spec {spec!r} must look like 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"reward {spec!r}: cannot import module {module_name!r}: {e}") from e
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise ValueError(f"reward {spec!r}: module {module_name!r} has no attribute {attr!r}")
+    if not callable(fn):
+        raise ValueError(f"reward {spec!r}: {attr!r} is a {type(fn).__name__}, not callable")
+    return attr, fn
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring a batch
+
+
+def _row(columns: dict[str, Any], i: int, n: int) -> dict[str, Any]:
+    """Columns for completion i alone: aligned lists are sliced, scalars passed through."""
+    return {k: [v[i]] if isinstance(v, (list, tuple)) and len(v) == n else v
+            for k, v in columns.items()}
+
+
+def _preview(text: str) -> str:
+    return repr(text[:200]) + ("..." if len(text) > 200 else "")
+
+
+def _check(name: str, values: Any, completions: list[str], offset: int = 0) -> list[float]:
+    """Validate a reward function's output; None -> NaN. ``offset`` locates per-row calls."""
+    try:
+        values = list(values)
+    except TypeError as e:
+        raise RewardError(f"reward {name!r} returned {type(values).__name__}, not a list") from e
+    if len(values) != len(completions):
+        raise RewardError(
+            f"reward {name!r} returned {len(values)} values, expected {len(completions)} "
+            "(one per completion)"
+        )
+    out = []
+    for j, v in enumerate(values):
+        if v is None:
+            out.append(math.nan)
+            continue
+        try:
+            f = float(v)
+        except (TypeError, ValueError) as e:
+            raise RewardError(
+                f"reward {name!r} returned {v!r} for completion {offset + j}, not a number"
+            ) from e
+        if not math.isfinite(f):
+            raise RewardError(
+                f"reward {name!r} returned {f} for completion {offset + j} (use None for "
+                f"'does not apply'): {_preview(completions[j])}"
+            )
+        out.append(f)
+    return out
+
+
+def score(
+    reward_fns: list[tuple[str, RewardFn]], completions: list[str], columns: dict[str, Any],
+    *, on_error: str = "raise",
+) -> tuple[torch.Tensor, dict[str, int]]:
+    """Run every reward function on the batch.
+
+    Returns ``(rewards, failures)``: rewards (N, R) float32 with NaN where a function returned
+    None, and per function the number of completions it failed on (only nonzero with
+    ``on_error="zero"``).
+
+    A wrong count or a NaN/inf value is always a ``RewardError`` (a bug in the function, not
+    in the completion). When a function raises, it is called again on each completion alone to
+    find the culprits: ``on_error="raise"`` re-raises naming the first failing completion;
+    ``"zero"`` gives those completions 0.0 and counts them.
+    """
+    if on_error not in ("raise", "zero"):
+        raise ValueError(f"on_error must be 'raise' or 'zero', got {on_error!r}")
+    names = [name for name, _ in reward_fns]
+    if len(set(names)) != len(names):
+        raise ValueError(f"reward names must be unique, got {names}")
+    n = len(completions)
+    rewards = torch.full((n, len(reward_fns)), math.nan, dtype=torch.float32)
+    failures = dict.fromkeys(names, 0)
+    for r, (name, fn) in enumerate(reward_fns):
+        try:
+            values = fn(completions, **columns)
+        except Exception as batch_error:
+            values = []
+            for i, text in enumerate(completions):
+                try:
+                    one = fn([text], **_row(columns, i, n))
+                except Exception as e:
+                    if on_error == "raise":
+                        raise RewardError(
+                            f"reward {name!r} raised {type(e).__name__}: {e} on completion {i}: "
+                            f"{_preview(text)}"
+                        ) from e
+                    failures[name] += 1
+                    values.append(0.0)
+                    continue
+                _check(name, one, [text], offset=i)  # count and finiteness, with its index
+                values.append(list(one)[0])
+            if on_error == "raise":
+                # Every completion passes alone: the batch call itself is the problem. (With
+                # "zero" the per-completion values stand: they are what the function says.)
+                raise RewardError(
+                    f"reward {name!r} raised {type(batch_error).__name__}: {batch_error} on the "
+                    "batch, but on no single completion"
+                ) from batch_error
+        rewards[:, r] = torch.tensor(_check(name, values, completions), dtype=torch.float32)
+    return rewards, failures

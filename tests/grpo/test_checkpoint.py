@@ -1,0 +1,211 @@
+"""Checkpoints: a resumed run continues bit-exactly (weights, optimizer, scheduler, RNG),
+a save that fails midway leaves the previous checkpoint intact, and bad checkpoints fail
+with errors naming the path."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import grpo.checkpoint
+from grpo.checkpoint import (
+    capture_rng,
+    find_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from models import CheckpointError, load_model, make_tiny
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "qwen2", family="qwen2")
+
+
+def _setup(tiny: Path):
+    model, tok = load_model(tiny, dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + s))
+    return model, tok, opt, sched
+
+
+def _step(model, opt, sched) -> tuple[float, tuple]:
+    """One optimizer step on random ids; also draws from every RNG a trainer may use."""
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    draws = (random.random(), float(np.random.rand()), torch.rand(()).item())
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item(), draws
+
+
+def _params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _leftovers(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in run_dir.iterdir() if p.name.startswith("."))
+
+
+def test_resume_is_bit_exact(tiny, tmp_path):
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    model, tok, opt, sched = _setup(tiny)
+    for _ in range(2):
+        _step(model, opt, sched)
+    state = {"step": 2, "data_position": 7, "seen": [1, 2]}
+    path = save_checkpoint(tmp_path / "checkpoint", model, tok, opt, sched, state)
+    assert path == tmp_path / "checkpoint"
+    assert json.loads((path / "state.json").read_text()) == state
+    assert find_checkpoint(tmp_path) == path
+    expected = [_step(model, opt, sched) for _ in range(2)]
+    expected_params, expected_lr = _params(model), sched.get_last_lr()
+
+    model2, _, opt2, sched2 = _setup(tiny)
+    param_objects = [id(p) for p in model2.parameters()]
+    torch.manual_seed(123)  # move every RNG elsewhere: only the checkpoint may put them back
+    random.seed(123)
+    np.random.seed(123)
+    assert load_checkpoint(path, model2, opt2, sched2, device="cpu") == state
+    assert [id(p) for p in model2.parameters()] == param_objects  # loaded in place
+    got = [_step(model2, opt2, sched2) for _ in range(2)]
+    assert got == expected
+    assert sched2.get_last_lr() == expected_lr
+    for name, p in model2.named_parameters():
+        assert torch.equal(p, expected_params[name]), name
+
+
+def test_rng_round_trip():
+    states = capture_rng()
+    before = (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist())
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    restore_rng(states)
+    assert (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist()) == before
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
+    model, tok, opt, sched = _setup(tiny)
+    _step(model, opt, sched)
+    path = save_checkpoint(tmp_path / "checkpoint", model, tok, opt, sched, {"step": 1})
+    saved = _params(model)
+    _step(model, opt, sched)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # the worst case: not even an Exception
+
+    # torch.save runs after the model files are written: the crash is midway through.
+    monkeypatch.setattr(grpo.checkpoint.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, model, tok, opt, sched, {"step": 2})
+    monkeypatch.undo()
+    assert _leftovers(tmp_path) == []
+    assert json.loads((path / "state.json").read_text()) == {"step": 1}
+    model2, _, opt2, sched2 = _setup(tiny)
+    assert load_checkpoint(path, model2, opt2, sched2, device="cpu") == {"step": 1}
+    for name, p in model2.named_parameters():
+        assert torch.equal(p, saved[name]), name
+
+
+def test_crash_between_the_renames_is_repaired(tiny, tmp_path, monkeypatch):
+    model, tok, opt, sched = _setup(tiny)
+    path = save_checkpoint(tmp_path / "checkpoint", model, tok, opt, sched, {"step": 1})
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(src).name.startswith(".checkpoint.tmp-") and Path(dst) == path:
+            # The old checkpoint is already aside, the new one not yet in place.
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr("models.saving.os.replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, model, tok, opt, sched, {"step": 2})
+    monkeypatch.undo()
+    assert not path.exists()
+    assert find_checkpoint(tmp_path) == path
+    assert json.loads((path / "state.json").read_text()) == {"step": 1}
+    assert _leftovers(tmp_path) == []
+
+
+def test_find_checkpoint_prefers_a_complete_new_one(tiny, tmp_path):
+    assert find_checkpoint(tmp_path) is None
+    model, tok, opt, sched = _setup(tiny)
+    old = save_checkpoint(tmp_path / "checkpoint", model, tok, opt, sched, {"step": 1})
+    new = save_checkpoint(tmp_path / "new", model, tok, opt, sched, {"step": 2})
+    # The state a kill between the two renames leaves: the new checkpoint complete under its
+    # temp name, the previous one moved aside, and an incomplete temp dir of an older crash.
+    os.replace(new, tmp_path / ".checkpoint.tmp-aaaaaaaa")
+    os.replace(old, tmp_path / ".checkpoint.old-bbbbbbbb")
+    (tmp_path / ".checkpoint.tmp-cccccccc" / "model").mkdir(parents=True)
+    path = find_checkpoint(tmp_path)
+    assert path == tmp_path / "checkpoint"
+    assert json.loads((path / "state.json").read_text()) == {"step": 2}
+    assert _leftovers(tmp_path) == []
+
+
+def test_incomplete_checkpoints_fail_clearly(tiny, tmp_path):
+    model, tok, opt, sched = _setup(tiny)
+    good = save_checkpoint(tmp_path / "good", model, tok, opt, sched, {"step": 1})
+
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+        load_checkpoint(tmp_path / "absent", model, opt, sched, device="cpu")
+
+    for name in ("trainer_state.pt", "state.json", "model"):
+        bad = tmp_path / f"no-{name}"
+        shutil.copytree(good, bad)
+        target = bad / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+        with pytest.raises(FileNotFoundError, match=rf"no-{name}.*missing {name}"):
+            load_checkpoint(bad, model, opt, sched, device="cpu")
+
+    bad = tmp_path / "truncated"
+    shutil.copytree(good, bad)
+    data = (bad / "trainer_state.pt").read_bytes()
+    (bad / "trainer_state.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated.*cannot read trainer state"):
+        load_checkpoint(bad, model, opt, sched, device="cpu")
+
+    torch.save({"optimizer": {}}, bad / "trainer_state.pt")
+    with pytest.raises(ValueError, match="lacks scheduler, rng, state"):
+        load_checkpoint(bad, model, opt, sched, device="cpu")
+
+    bad = tmp_path / "no-weights"
+    shutil.copytree(good, bad)
+    for f in (bad / "model").glob("*.safetensors*"):
+        f.unlink()
+    with pytest.raises(CheckpointError, match="no-weights"):
+        load_checkpoint(bad, model, opt, sched, device="cpu")
+
+
+def test_mismatched_optimizer_or_scheduler_changes_nothing(tiny, tmp_path):
+    model, tok, opt, _ = _setup(tiny)
+    path = save_checkpoint(tmp_path / "checkpoint", model, tok, opt, None, {"step": 1})
+    model2, _, _, sched2 = _setup(tiny)
+    before = _params(model2)
+    with pytest.raises(ValueError, match="without a scheduler"):
+        load_checkpoint(path, model2, sched2.optimizer, sched2, device="cpu")
+    head_only = torch.optim.AdamW([model2.lm_head.weight])
+    with pytest.raises(ValueError, match="parameter groups"):
+        load_checkpoint(path, model2, head_only, None, device="cpu")
+    for name, p in model2.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
+def test_state_must_be_json(tiny, tmp_path):
+    model, tok, opt, sched = _setup(tiny)
+    with pytest.raises(TypeError):
+        save_checkpoint(tmp_path / "checkpoint", model, tok, opt, sched, {"step": object()})
+    assert list(tmp_path.iterdir()) == []

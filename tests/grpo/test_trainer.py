@@ -1,0 +1,153 @@
+"""The GRPO loop on tiny models on the CPU: a few steps end to end (dense and MoE), loss
+bookkeeping under gradient accumulation, resume equivalence, and the CLI's errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from grpo.config import GRPOConfig, parse_config
+from grpo.metrics import read_metrics
+from grpo.train import main
+from grpo.trainer import GRPOTrainer
+from models import load_model, make_tiny
+
+FAST = dict(steps=3, sft_steps=2, prompts_per_step=2, num_generations=4,
+            max_completion_length=12, eval_size=8, micro_batch_size=4, progress=False)
+
+
+def bad_count_reward(completions, **kwargs):
+    return [1.0] * (len(completions) + 1)
+
+
+def nan_reward(completions, **kwargs):
+    return [float("nan")] * len(completions)
+
+
+def _config(tmp_path, **overrides) -> GRPOConfig:
+    values = {**FAST, "output_dir": str(tmp_path / "run"), **overrides}
+    return GRPOConfig(**values)
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_three_steps_end_to_end(tmp_path, kind):
+    model = "" if kind == "dense" else str(make_tiny(tmp_path / "moe", kind="moe"))
+    cfg = _config(tmp_path, model=model, beta=0.04 if kind == "moe" else 0.0,
+                  num_iterations=2 if kind == "moe" else 1)
+    summary = GRPOTrainer(cfg).train()
+    run = tmp_path / "run"
+    assert summary["grpo_steps"] == 3 and 0.0 <= summary["accuracy_after_grpo"] <= 1.0
+    assert json.loads((run / "summary.json").read_text())["grpo_steps"] == 3
+    assert json.loads((run / "config.json").read_text())["num_generations"] == 4
+    lines = read_metrics(run / "metrics.jsonl")
+    assert [line["step"] for line in lines] == [1, 2, 3]
+    for key in ("reward", "reward/accuracy", "reward/format", "accuracy", "frac_zero_std",
+                "completion_length", "truncated", "kl", "clip_region", "entropy", "grad_norm",
+                "lr", "tokens_per_s", "seconds_generate", "seconds_update"):
+        assert key in lines[-1], key
+    assert all(math.isfinite(line["loss"]) for line in lines)
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ours, _ = load_model(run / "final", dtype=torch.float32)
+    theirs = AutoModelForCausalLM.from_pretrained(run / "final")
+    ids = torch.randint(0, ours.config.vocab_size, (1, 5))
+    torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo"])
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, loss_type):
+    """Micro-batches of 3 (uneven) accumulate exactly the gradient of the whole batch in
+    one call, with truncated completions masked and off-policy ratios that clip."""
+    trainer = GRPOTrainer(_config(tmp_path, loss_type=loss_type, num_iterations=2,
+                                  mask_truncated_completions=True, eps_high=0.2 if
+                                  loss_type != "cispo" else 1.1))
+    batch = trainer.sample_batch()
+    n = len(batch.rollout)
+    batch.advantages = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    old = trainer._logprobs(trainer.model, batch.rollout)
+    old = old + 0.3 * torch.randn(old.shape, generator=torch.Generator().manual_seed(2))
+    mask = batch.rollout.completion_mask.float() * (~batch.rollout.truncated).float()[:, None]
+    mask[0, :] = 1.0  # whatever the sampler did, some tokens count
+    grads = []
+    for micro in (n, 3):
+        trainer.cfg.micro_batch_size = micro
+        trainer.accumulate_gradients(batch, mask, old, None)
+        grads.append([p.grad.clone() for p in trainer.model.parameters()])
+        trainer.optimizer.zero_grad(set_to_none=True)
+    for whole, accumulated in zip(*grads, strict=True):
+        torch.testing.assert_close(accumulated, whole, rtol=1e-4, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in grads[0])
+
+
+def _comparable(line: dict) -> dict:
+    return {k: v for k, v in line.items() if not k.startswith(("seconds", "tokens_per_s"))}
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    opts = dict(steps=4, save_every=2, dynamic_sampling=True)
+    GRPOTrainer(_config(tmp_path / "a", **opts)).train()
+    GRPOTrainer(_config(tmp_path / "b", **{**opts, "steps": 2})).train()
+    GRPOTrainer(_config(tmp_path / "b", **opts, resume=True)).train()
+    whole = read_metrics(tmp_path / "a" / "run" / "metrics.jsonl")
+    resumed = read_metrics(tmp_path / "b" / "run" / "metrics.jsonl")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    for a, b in zip(whole[2:], resumed[2:], strict=True):
+        assert _comparable(a) == pytest.approx(_comparable(b), nan_ok=True)
+
+
+def test_cli_rejects_bad_input(tmp_path, capsys):
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_text('{"prompt": "1+1", "answer": "2"}\n{"prompt": oops}\n')
+    cases = [
+        (["--model", str(tmp_path / "nowhere")], "is not a directory with a config.json"),
+        (["--data", str(tmp_path / "missing.jsonl")], "does not exist"),
+        (["--data", str(bad_jsonl)], "bad.jsonl:2"),
+        (["--num-generations", "1"], "num_generations (G) must be >= 2"),
+        (["--max-completion-length", "0"], "max_completion_length must be >= 1"),
+    ]
+    for args, message in cases:
+        code = main([*args, "--output-dir", str(tmp_path / "run"), "--no-progress"])
+        assert code == 2, args
+        assert message in capsys.readouterr().err, args
+
+
+def test_output_dir_holding_another_run(tmp_path):
+    GRPOTrainer(_config(tmp_path, steps=1))
+    with pytest.raises(ValueError, match="holds another run; pass --resume"):
+        GRPOTrainer(_config(tmp_path, steps=1))
+    GRPOTrainer(_config(tmp_path, steps=1, overwrite=True))  # replaces it
+
+
+def test_long_prompts_error_when_asked(tmp_path):
+    trainer = GRPOTrainer(_config(tmp_path, max_prompt_length=3, prompt_overflow="error"))
+    with pytest.raises(ValueError, match="exceed max_prompt_length=3"):
+        trainer.sample_batch()
+    trainer = GRPOTrainer(_config(tmp_path, max_prompt_length=3, overwrite=True))
+    with pytest.warns(UserWarning, match="keeping their last tokens"):
+        assert trainer.sample_batch().rollout.prompt_ids.shape[1] == 3
+
+
+@pytest.mark.parametrize("reward, message", [
+    ("tests.grpo.test_trainer:bad_count_reward", "bad_count_reward"),
+    ("tests.grpo.test_trainer:nan_reward", "nan_reward"),
+])
+def test_bad_reward_functions_stop_training(tmp_path, reward, message):
+    trainer = GRPOTrainer(_config(tmp_path, rewards=["accuracy", reward]))
+    with pytest.raises(RuntimeError, match=message):
+        trainer.sample_batch()
+
+
+def test_config_file_and_flags(tmp_path):
+    (tmp_path / "c.yaml").write_text("num_generations: 4\nbeta: 0.1\nrewards: [accuracy]\n")
+    cfg = parse_config(["--config", str(tmp_path / "c.yaml"), "--beta", "0.2",
+                        "--task-args", '{"digits": 3}', "--no-progress",
+                        "--output-dir", str(tmp_path / "r")])
+    assert (cfg.num_generations, cfg.beta, cfg.rewards, cfg.task_args, cfg.progress) == \
+        (4, 0.2, ["accuracy"], {"digits": 3}, False)
+    assert cfg.learning_rate == 2e-3 and cfg.template == "short"  # built-in model defaults
+    (tmp_path / "c.json").write_text(json.dumps({"num_generation": 4}))
+    with pytest.raises(ValueError, match="unknown fields"):
+        parse_config(["--config", str(tmp_path / "c.json")])
