@@ -48,10 +48,11 @@ class GRPOConfig:
     prompt_overflow: str = _f("truncate", "prompts over max_prompt_length: truncate or error",
                               choices=("truncate", "error"))
     max_completion_length: int = _f(None, "max new tokens per completion [256; 64 built-in]")
-    temperature: float = _f(1.0, "sampling temperature (also used in the loss)")
+    temperature: float = _f(None, "sampling temperature (also used in the loss) [1.0; 0.7 "
+                                  "built-in]")
     top_p: float = _f(1.0, "nucleus sampling")
-    dynamic_sampling: bool = _f(False, "DAPO: drop groups whose rewards are all equal and draw "
-                                       "more prompts")
+    dynamic_sampling: bool = _f(None, "DAPO: drop groups whose rewards are all equal and draw "
+                                      "more prompts [off; on built-in]")
     max_sampling_rounds: int = _f(4, "with dynamic sampling: rounds of extra prompts per step")
     # --- loss ---
     num_iterations: int = _f(1, "mu: optimisation passes over each batch")
@@ -66,8 +67,8 @@ class GRPOConfig:
     overlong_buffer: int = _f(0, "DAPO soft overlong punishment zone in tokens (0: off)")
     entropy_coef: float = _f(0.0, "entropy bonus coefficient")
     # --- optimisation ---
-    steps: int = _f(None, "GRPO optimizer steps [200; 160 built-in]")
-    learning_rate: float = _f(None, "peak learning rate [1e-6; 2e-3 built-in]")
+    steps: int = _f(None, "GRPO optimizer steps [200; 320 built-in]")
+    learning_rate: float = _f(None, "peak learning rate [1e-6; 5e-5 built-in]")
     lr_schedule: str = _f("constant", "constant, linear or cosine decay after warmup",
                           choices=("constant", "linear", "cosine"))
     warmup_steps: int = _f(0, "linear warmup steps")
@@ -83,7 +84,7 @@ class GRPOConfig:
     ref_on_cpu: bool = _f(False, "keep the reference model on the CPU between uses")
     seed: int = _f(0, "seed of data, sampling and initialisation")
     # --- cold start ---
-    sft_steps: int = _f(None, "supervised cold-start steps before GRPO [0; 300 built-in]")
+    sft_steps: int = _f(None, "supervised cold-start steps before GRPO [0; 200 built-in]")
     sft_data: str = _f("", "JSONL with prompt and completion for the cold start "
                            "(default: the task's worked solutions)")
     sft_learning_rate: float = _f(None, "cold-start learning rate [1e-5; 3e-3 built-in]")
@@ -109,15 +110,24 @@ class GRPOConfig:
         defaults = {
             "template": "short" if tiny else "r1zero",
             "max_completion_length": 64 if tiny else 256,
-            "steps": 160 if tiny else 200,
-            "learning_rate": 2e-3 if tiny else 1e-6,
+            "temperature": 0.7 if tiny else 1.0,
+            "dynamic_sampling": tiny,
+            "steps": 320 if tiny else 200,
+            "learning_rate": 5e-5 if tiny else 1e-6,
             "micro_batch_size": 64 if tiny else 8,
-            "sft_steps": 300 if tiny else 0,
+            "sft_steps": 200 if tiny else 0,
             "sft_learning_rate": 3e-3 if tiny else 1e-5,
         }
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if tiny and self.task == "arithmetic" and not self.task_args and not self.data:
+            # The demo: 2-digit additions, whose carries a 0.6M-parameter model can learn.
+            self.task_args = {"operators": "+"}
+        if tiny and not self.rewards:
+            # The cold start already teaches the format; a format reward on top would only
+            # add variance (a rare malformed sample makes every wrong answer look good).
+            self.rewards = ["accuracy"]
         if not self.run_name:
             model = Path(self.model).name if self.model else "tiny"
             source = Path(self.data).stem if self.data else self.task

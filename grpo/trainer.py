@@ -49,6 +49,7 @@ class Batch:
     advantages: torch.Tensor  # (N,)
     adv_stats: dict
     failures: dict
+    frac_zero_std: float  # over every sampled group, before dynamic sampling drops any
 
 
 class GRPOTrainer:
@@ -258,7 +259,7 @@ class GRPOTrainer:
         cfg, g = self.cfg, self.cfg.num_generations
         kept: list[tuple[dict, Rollout, torch.Tensor]] = []
         failures: dict[str, int] = {}
-        rounds = 0
+        rounds = groups = zero_std = 0
         while True:
             need = cfg.prompts_per_step - len(kept)
             examples = self.stream.next_batch(need)
@@ -269,6 +270,8 @@ class GRPOTrainer:
             total = reference.combine_rewards(rewards, self.reward_weights).view(-1, g)
             for i, ex in enumerate(examples):
                 informative = bool((total[i] != total[i, 0]).any())
+                groups += 1
+                zero_std += not informative
                 if informative or not cfg.dynamic_sampling:
                     rows = slice(i * g, (i + 1) * g)
                     kept.append((ex, _rows(rollout, rows), rewards[rows]))
@@ -285,7 +288,8 @@ class GRPOTrainer:
         advantages, adv_stats = kernels.group_advantages(
             rewards.to(self.device), g, weights=self.reward_weights.to(self.device),
             scale=cfg.scale_rewards)
-        return Batch(examples, rollout, rewards, advantages, adv_stats, failures)
+        return Batch(examples, rollout, rewards, advantages, adv_stats, failures,
+                     zero_std / groups)
 
     def _score(self, examples: list[dict], rollout: Rollout) -> tuple[torch.Tensor, dict]:
         g = self.cfg.num_generations
@@ -373,7 +377,7 @@ class GRPOTrainer:
         lengths = rollout.lengths.float()
         metrics = {
             "reward": float(total.mean()), "reward_std": float(total.std()),
-            "frac_zero_std": float(batch.adv_stats["frac_zero_std"]),
+            "frac_zero_std": batch.frac_zero_std,
             "completion_length": float(lengths.mean()),
             "completion_length_max": float(lengths.max()),
             "truncated": float(rollout.truncated.float().mean()),

@@ -17,7 +17,8 @@ from grpo.trainer import GRPOTrainer
 from models import load_model, make_tiny
 
 FAST = dict(steps=3, sft_steps=2, prompts_per_step=2, num_generations=4,
-            max_completion_length=12, eval_size=8, micro_batch_size=4, progress=False)
+            max_completion_length=12, eval_size=8, micro_batch_size=4, progress=False,
+            rewards=["accuracy", "format"], dynamic_sampling=False, temperature=1.0)
 
 
 def bad_count_reward(completions, **kwargs):
@@ -147,7 +148,8 @@ def test_config_file_and_flags(tmp_path):
                         "--output-dir", str(tmp_path / "r")])
     assert (cfg.num_generations, cfg.beta, cfg.rewards, cfg.task_args, cfg.progress) == \
         (4, 0.2, ["accuracy"], {"digits": 3}, False)
-    assert cfg.learning_rate == 2e-3 and cfg.template == "short"  # built-in model defaults
+    assert cfg.learning_rate == 5e-5 and cfg.template == "short"  # built-in model defaults
+    assert cfg.dynamic_sampling and cfg.task_args == {"digits": 3}
     (tmp_path / "c.json").write_text(json.dumps({"num_generation": 4}))
     with pytest.raises(ValueError, match="unknown fields"):
         parse_config(["--config", str(tmp_path / "c.json")])
