@@ -163,7 +163,9 @@ def plot_metrics(metrics_file: Path | str, out: Path | str, *, title: str = "") 
         if drawn > 1:
             ax.legend(fontsize="small")
         elif drawn == 0:
-            ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center",
+            empty = "not logged (beta = 0: no reference model)" if name.startswith("KL") \
+                else "no data"
+            ax.text(0.5, 0.5, empty, transform=ax.transAxes, ha="center", va="center",
                     color="gray")
     if title:
         fig.suptitle(title)

@@ -386,6 +386,8 @@ class GRPOTrainer:
             **{f"seconds_{k}": v for k, v in phases.items()},
             **{k: v for k, v in loss_stats.items()},
         }
+        if self.cfg.beta == 0:
+            metrics.pop("kl", None)  # there is no reference model: nothing was measured
         for j, (name, _) in enumerate(self.reward_fns):
             metrics[f"reward/{name}"] = float(torch.nanmean(rewards[:, j]))
         acc = [n for n, _ in self.reward_fns if n in ("accuracy", "countdown")]

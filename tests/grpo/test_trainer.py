@@ -47,9 +47,10 @@ def test_three_steps_end_to_end(tmp_path, kind):
     lines = read_metrics(run / "metrics.jsonl")
     assert [line["step"] for line in lines] == [1, 2, 3]
     for key in ("reward", "reward/accuracy", "reward/format", "accuracy", "frac_zero_std",
-                "completion_length", "truncated", "kl", "clip_region", "entropy", "grad_norm",
+                "completion_length", "truncated", "clip_region", "entropy", "grad_norm",
                 "lr", "tokens_per_s", "seconds_generate", "seconds_update"):
         assert key in lines[-1], key
+    assert ("kl" in lines[-1]) == (cfg.beta > 0)
     assert all(math.isfinite(line["loss"]) for line in lines)
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ours, _ = load_model(run / "final", dtype=torch.float32)
