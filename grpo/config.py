@@ -189,7 +189,9 @@ def build_parser(prog: str = "grpo-train") -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML or JSON file of GRPOConfig fields")
     for f in dataclasses.fields(GRPOConfig):
         t = _field_type(f)
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-")]
+        if f.name == "rewards":
+            flags.append("--reward")
         help_text = f.metadata.get("help", "")
         kwargs: dict[str, Any] = {"help": help_text, "dest": f.name}
         if t is bool:
@@ -202,7 +204,7 @@ def build_parser(prog: str = "grpo-train") -> argparse.ArgumentParser:
             kwargs["type"] = t
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
-        parser.add_argument(flag, **kwargs)
+        parser.add_argument(*flags, **kwargs)
     return parser
 
 

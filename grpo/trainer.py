@@ -245,7 +245,7 @@ class GRPOTrainer:
         if self.cfg.mask_truncated_completions:
             loss_mask = loss_mask * (~rollout.truncated).float()[:, None]
         old_logp = self._logprobs(self.model, rollout) if self.cfg.num_iterations > 1 else None
-        ref_logp = self._logprobs(self.ref_model, rollout) if self.cfg.beta > 0 else None
+        ref_logp = self._reference_logprobs(rollout) if self.cfg.beta > 0 else None
         t2 = time.perf_counter()
         loss_stats = self.accumulate_gradients(batch, loss_mask, old_logp, ref_logp)
         grad_norm = self._optimizer_step()
@@ -313,6 +313,15 @@ class GRPOTrainer:
         out = model(input_ids=input_ids.to(dev), attention_mask=attention.to(dev),
                     position_ids=positions.to(dev), logits_to_keep=n + 1, use_cache=False)
         return out.logits[:, :-1].to(self.device)
+
+    def _reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        if not self.cfg.ref_on_cpu or self.device.type == "cpu":
+            return self._logprobs(self.ref_model, rollout)
+        self.ref_model.to(self.device)  # on the accelerator only while it is used
+        try:
+            return self._logprobs(self.ref_model, rollout)
+        finally:
+            self.ref_model.to("cpu")
 
     @torch.no_grad()
     def _logprobs(self, model, rollout: Rollout) -> torch.Tensor:
@@ -389,7 +398,10 @@ class GRPOTrainer:
         if self.cfg.beta == 0:
             metrics.pop("kl", None)  # there is no reference model: nothing was measured
         for j, (name, _) in enumerate(self.reward_fns):
-            metrics[f"reward/{name}"] = float(torch.nanmean(rewards[:, j]))
+            column = rewards[:, j]
+            metrics[f"reward/{name}"] = float(torch.nanmean(column))
+            metrics[f"reward_std/{name}"] = float(column[~column.isnan()].std()) \
+                if (~column.isnan()).sum() > 1 else float("nan")
         acc = [n for n, _ in self.reward_fns if n in ("accuracy", "countdown")]
         metrics["accuracy"] = metrics[f"reward/{acc[0]}"] if acc else float("nan")
         for name, count in batch.failures.items():

@@ -154,3 +154,32 @@ def test_config_file_and_flags(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"num_generation": 4}))
     with pytest.raises(ValueError, match="unknown fields"):
         parse_config(["--config", str(tmp_path / "c.json")])
+
+
+def test_sft_command_trains_and_saves(tmp_path, capsys):
+    from grpo.sft import main as sft_main
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"{i}+1", "completion":
+                                         f"<think>{i}+1={i + 1}</think><answer>{i + 1}</answer>"})
+                             + "\n" for i in range(10)))
+    sft_main(["--data", str(pairs), "--steps", "3", "--batch-size", "4",
+              "--output-dir", str(tmp_path / "out")])
+    assert "final loss" in capsys.readouterr().out
+    model, tok = load_model(tmp_path / "out", dtype=torch.float32)
+    assert model.config.model_type == "qwen2" and tok.eos_token_id is not None
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1"}\n')
+    with pytest.raises(ValueError, match="has no 'completion'"):
+        sft_main(["--data", str(bad), "--output-dir", str(tmp_path / "out2")])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_one_step_on_gpu_with_triton_kernels(tmp_path, kind):
+    model = "" if kind == "dense" else str(make_tiny(tmp_path / "moe", kind="moe"))
+    cfg = _config(tmp_path, model=model, device="cuda", kernel_backend="triton", steps=1,
+                  beta=0.04, num_iterations=2)
+    summary = GRPOTrainer(cfg).train()
+    line = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert summary["device"].startswith("cuda") and math.isfinite(line["loss"])
