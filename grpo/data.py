@@ -334,7 +334,21 @@ _MAX_SKIPS = 100_000
 _EVAL_SEED_OFFSET = 1_000_003
 
 
-class TrainStream:
+class _Stream:
+    """A resumable source of training examples: `position` says how far it has read."""
+
+    @property
+    def position(self) -> int:
+        return self._position
+
+    @position.setter
+    def position(self, value: int) -> None:
+        if value < 0:
+            raise ValueError(f"position must be >= 0, got {value}")
+        self._position = int(value)
+
+
+class TrainStream(_Stream):
     """The training examples of ``task`` for ``seed``, skipping prompts in ``exclude``.
 
     ``position`` counts the indices consumed (skipped ones included), so
@@ -346,17 +360,6 @@ class TrainStream:
                  position: int = 0) -> None:
         self.task, self.seed, self.exclude = task, seed, frozenset(exclude)
         self.position = position
-
-    @property
-    def position(self) -> int:
-        """How many indices of the task's stream have been consumed."""
-        return self._position
-
-    @position.setter
-    def position(self, value: int) -> None:
-        if value < 0:
-            raise ValueError(f"position must be >= 0, got {value}")
-        self._position = int(value)
 
     def next_batch(self, n: int) -> list[dict[str, Any]]:
         """The next ``n`` training examples."""
@@ -468,7 +471,7 @@ def split_examples(examples: list[dict[str, Any]], eval_size: int, seed: int
     return train, held
 
 
-class JsonlStream:
+class JsonlStream(_Stream):
     """Endless shuffled epochs over ``examples`` (a new permutation per epoch, from ``seed``),
     with the same ``next_batch`` / ``position`` interface as ``TrainStream``."""
 
@@ -478,17 +481,6 @@ class JsonlStream:
         self.examples, self.seed = examples, seed
         self.position = position
         self._epoch, self._order = -1, []  # cache of the current epoch's permutation
-
-    @property
-    def position(self) -> int:
-        """How many examples have been drawn (across epochs)."""
-        return self._position
-
-    @position.setter
-    def position(self, value: int) -> None:
-        if value < 0:
-            raise ValueError(f"position must be >= 0, got {value}")
-        self._position = int(value)
 
     def _permutation(self, epoch: int) -> list[int]:
         if epoch != self._epoch:

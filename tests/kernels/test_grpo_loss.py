@@ -307,7 +307,10 @@ def test_bad_input_is_a_clear_error_before_launch(device, name):
 
 
 def _compiled_count(kernel) -> int:
-    return len(kernel.device_caches[torch.cuda.current_device()][0])
+    try:  # triton's per-device cache: (kernel_cache, ...) in 3.x
+        return len(kernel.device_caches[torch.cuda.current_device()][0])
+    except (AttributeError, KeyError, IndexError, TypeError):
+        pytest.skip("this triton version does not expose its kernel cache")
 
 
 @pytest.mark.gpu
