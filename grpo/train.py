@@ -11,6 +11,7 @@ import json
 import sys
 
 from .config import parse_config
+from .rewards import RewardError
 from .trainer import GRPOTrainer
 
 
@@ -18,10 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_config(argv)
         trainer = GRPOTrainer(config)
-    except ValueError as e:
+        summary = trainer.train()
+    except (ValueError, RewardError) as e:  # bad input: a message, not a traceback
         print(f"grpo-train: error: {e}", file=sys.stderr)
         return 2
-    summary = trainer.train()
     print(json.dumps(summary, indent=2))
     print(f"run directory: {trainer.run_dir}")
     return 0

@@ -124,7 +124,8 @@ class GRPOTrainer:
 
     def _load_data(self):
         if self.cfg.data:
-            examples = data_mod.load_jsonl(self.cfg.data)
+            needs_answer = "accuracy" in (self.cfg.rewards or ["accuracy"])
+            examples = data_mod.load_jsonl(self.cfg.data, require_answer=needs_answer)
             if self.cfg.eval_size >= len(examples):
                 raise ValueError(f"{self.cfg.data} has {len(examples)} examples: not enough "
                                  f"for eval_size={self.cfg.eval_size} plus training")

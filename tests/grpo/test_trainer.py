@@ -103,7 +103,10 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
 def test_cli_rejects_bad_input(tmp_path, capsys):
     bad_jsonl = tmp_path / "bad.jsonl"
     bad_jsonl.write_text('{"prompt": "1+1", "answer": "2"}\n{"prompt": oops}\n')
+    no_answers = tmp_path / "noans.jsonl"
+    no_answers.write_text('{"prompt": "1+1"}\n{"prompt": "2+2"}\n')
     cases = [
+        (["--data", str(no_answers), "--eval-size", "1"], "noans.jsonl:1: missing 'answer'"),
         (["--model", str(tmp_path / "nowhere")], "is not a directory with a config.json"),
         (["--data", str(tmp_path / "missing.jsonl")], "does not exist"),
         (["--data", str(bad_jsonl)], "bad.jsonl:2"),
