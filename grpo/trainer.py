@@ -61,12 +61,12 @@ class GRPOTrainer:
         self.dtype = DTYPES["bf16" if self.device.type == "cuda" else "fp32"] \
             if config.dtype == "auto" else DTYPES[config.dtype]
         self.run_dir = Path(self.cfg.output_dir)
+        # Data first: a bad dataset fails before anything is written or loaded.
+        self.task, self.eval_examples, self.stream = self._load_data()
         self._prepare_run_dir()
         _seed_everything(self.cfg.seed)
         self._select_kernels()
-
         self.model, self.tokenizer = self._load_policy()
-        self.task, self.eval_examples, self.stream = self._load_data()
         names = list(self.cfg.rewards) or list(self.task.rewards if self.task else
                                                ("accuracy", "format"))
         if self.cfg.overlong_buffer > 0 and "overlong" not in names:
