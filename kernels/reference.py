@@ -245,3 +245,31 @@ def group_advantages_ref(
         "frac_zero_std": zero_std.float().mean(),
     }
     return adv.reshape(-1), stats
+
+
+def moe_experts_ref(
+    hidden: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Routed SwiGLU experts, the plain loop over experts (as transformers' eager experts).
+
+    hidden (N, H); gate_up (E, 2I, H), rows [0, I) gate and [I, 2I) up; down (E, H, I);
+    topk_ids (N, k) in [0, E); topk_weights (N, k). For each token n and slot j, e = ids[n, j]:
+        out[n] += weights[n, j] * down[e] @ (silu(gate[e] @ h_n) * (up[e] @ h_n))
+    fp32 maths, output in hidden's dtype; gradients reach every float input.
+    """
+    x = hidden.float()  # (N, H)
+    out = torch.zeros_like(x)
+    inter = gate_up.shape[1] // 2
+    for e in range(gate_up.shape[0]):
+        tok, slot = torch.where(topk_ids == e)  # the (token, slot) pairs routed to e
+        if tok.numel() == 0:
+            continue
+        pre = x[tok] @ gate_up[e].float().T  # (n_e, 2I)
+        act = torch.nn.functional.silu(pre[:, :inter]) * pre[:, inter:]  # (n_e, I)
+        y = act @ down[e].float().T  # (n_e, H)
+        out = out.index_add(0, tok, y * topk_weights[tok, slot].float()[:, None])
+    return out.to(hidden.dtype)

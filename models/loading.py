@@ -32,7 +32,7 @@ from transformers import (
 
 from .layout import CheckpointError, ExpertPiece, check_family, to_model_name
 
-MOE_BACKENDS = ("auto", "grouped_mm", "eager")
+MOE_BACKENDS = ("auto", "grouped_mm", "eager", "triton")
 ATTN_BACKENDS = ("auto", "sdpa", "eager", "flash_attention_2")
 _GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -91,11 +91,47 @@ def _set_experts_backend(model: PreTrainedModel, moe_backend: str, device: torch
     if not any(hasattr(m, "gate_up_proj") for m in model.modules()):
         return  # dense model
     if moe_backend == "auto":
+        # grouped_mm until our kernel has been measured faster on the device.
         moe_backend = "grouped_mm" if device.type == "cuda" else "eager"
+    if moe_backend == "triton":
+        register_triton_experts()
+        for module in model.modules():
+            if hasattr(module, "gate_up_proj"):
+                _check_triton_experts(module)
     if hasattr(model, "set_experts_implementation"):
         model.set_experts_implementation(moe_backend)
     else:  # transformers versions that only read the config
         model.config._experts_implementation = moe_backend
+
+
+def _triton_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                            top_k_weights: torch.Tensor) -> torch.Tensor:
+    """transformers' experts interface -> kernels.moe_experts (stacked SwiGLU experts)."""
+    from kernels import moe_experts
+
+    return moe_experts(hidden_states, self.gate_up_proj, self.down_proj, top_k_index,
+                       top_k_weights)
+
+
+def register_triton_experts() -> None:
+    """Make "triton" a valid experts implementation in transformers' dispatch."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    ALL_EXPERTS_FUNCTIONS.register("triton", _triton_experts_forward)
+
+
+def _check_triton_experts(module: nn.Module) -> None:
+    """Our kernel computes silu(gate) * up with [gate; up] stacked, no bias, not transposed."""
+    act = type(getattr(module, "act_fn", None)).__name__
+    unsupported = [name for name, bad in (
+        ("bias", getattr(module, "has_bias", False)),
+        ("transposed weights", getattr(module, "is_transposed", False)),
+        ("interleaved gate/up", not getattr(module, "is_concatenated", True)),
+        (f"activation {act}", act not in ("SiLU", "SiLUActivation")),
+    ) if bad]
+    if unsupported:
+        raise ValueError(f"moe_backend='triton' does not support {', '.join(unsupported)} "
+                         f"in {type(module).__name__}; use grouped_mm")
 
 
 @contextlib.contextmanager

@@ -8,7 +8,8 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("script", ["bench_grpo_loss", "bench_logprobs", "bench_advantages"])
+@pytest.mark.parametrize("script", ["bench_grpo_loss", "bench_logprobs", "bench_advantages",
+                                    "bench_moe"])
 def test_smoke_run(script, capsys):
     bench = importlib.import_module(f"benchmarks.{script}")
     bench.main(["--smoke", "--providers", "eager,ours", "--warmup", "1", "--rep", "1"])

@@ -142,7 +142,7 @@ def test_stacked_checkpoints_are_accepted(tiny_dirs, tmp_path):
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("backend", ["eager", "grouped_mm"])
+@pytest.mark.parametrize("backend", ["eager", "grouped_mm", "triton"])
 def test_moe_backends_agree_and_train_with_checkpointing(tiny_dirs, backend):
     model, _ = load_model(tiny_dirs["qwen2_moe"], dtype=torch.float32, moe_backend=backend)
     assert model.config._experts_implementation == backend
