@@ -74,6 +74,17 @@ def _load_act(pre_ptr, rows, cols, mask, INTER):
 
 
 @triton.jit
+def _tile_pairs(tile_row_ptr, end_ptr, order_ptr, tile, e, BLOCK_M: tl.constexpr):
+    """The sorted rows of one tile of expert e, their mask, and the (token, slot) pair each
+    row holds, as int64."""
+    rows = tl.load(tile_row_ptr + tile) + tl.arange(0, BLOCK_M)
+    row_mask = rows < tl.load(end_ptr + e)
+    rows = rows.to(tl.int64)
+    pair = tl.load(order_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    return rows, row_mask, pair
+
+
+@triton.jit
 def _gate_up_fwd_kernel(hidden_ptr, gate_up_ptr, order_ptr, tile_expert_ptr, tile_row_ptr,
                         end_ptr, pre_ptr, act_ptr, H, INTER, TOPK,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -82,10 +93,8 @@ def _gate_up_fwd_kernel(hidden_ptr, gate_up_ptr, order_ptr, tile_expert_ptr, til
     e = tl.load(tile_expert_ptr + tile)
     if e < 0:
         return
-    rows = tl.load(tile_row_ptr + tile) + tl.arange(0, BLOCK_M)
-    row_mask = rows < tl.load(end_ptr + e)
-    rows = rows.to(tl.int64)
-    tok = (tl.load(order_ptr + rows, mask=row_mask, other=0) // TOPK).to(tl.int64)
+    rows, row_mask, pair = _tile_pairs(tile_row_ptr, end_ptr, order_ptr, tile, e, BLOCK_M)
+    tok = pair // TOPK
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < INTER
     ks = tl.arange(0, BLOCK_K)
@@ -125,10 +134,7 @@ def _rows_scatter_kernel(a_ptr, w_ptr, order_ptr, weights_ptr, tile_expert_ptr, 
     e = tl.load(tile_expert_ptr + tile)
     if e < 0:
         return
-    rows = tl.load(tile_row_ptr + tile) + tl.arange(0, BLOCK_M)
-    row_mask = rows < tl.load(end_ptr + e)
-    rows = rows.to(tl.int64)
-    pair = tl.load(order_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    rows, row_mask, pair = _tile_pairs(tile_row_ptr, end_ptr, order_ptr, tile, e, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     ks = tl.arange(0, BLOCK_K)
@@ -161,10 +167,7 @@ def _act_bwd_kernel(grad_ptr, down_ptr, pre_ptr, order_ptr, weights_ptr, tile_ex
     if e < 0:
         return
     pid_n = tl.program_id(1)
-    rows = tl.load(tile_row_ptr + tile) + tl.arange(0, BLOCK_M)
-    row_mask = rows < tl.load(end_ptr + e)
-    rows = rows.to(tl.int64)
-    pair = tl.load(order_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    rows, row_mask, pair = _tile_pairs(tile_row_ptr, end_ptr, order_ptr, tile, e, BLOCK_M)
     tok = pair // TOPK
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < INTER
