@@ -359,7 +359,10 @@ class GRPOTrainer:
                     eps_high=cfg.eps_high, delta=cfg.delta, loss_type=cfg.loss_type,
                     importance_level=cfg.importance_level,
                     max_completion_length=cfg.max_completion_length, num_items=num_items,
-                    entropy_coef=cfg.entropy_coef)
+                    entropy_coef=cfg.entropy_coef,
+                    # The lm_head's backward does not need its output: on the GPU the
+                    # gradient overwrites the logits instead of doubling their memory.
+                    inplace=self.device.type == "cuda")
                 if cfg.loss_type in ("grpo", "dr_grpo"):
                     # These average over the micro-batch's sequences: weight by its share.
                     loss = loss * ((rows.stop - rows.start) / n)
