@@ -21,7 +21,7 @@ so no (P, H) copy of the activations is ever made):
     _gate_up_fwd_kernel    tiles x I-blocks: pre = [gate | up] = hidden[tok] @ gate_up[e]^T,
                            writes pre (P, 2I) and act = silu(gate) * up (P, I), sorted rows
     _rows_scatter_kernel   tiles x H-blocks: y[p] = w_p * act_r @ down[e]^T into a (N, k, H)
-                           fp32 buffer in pair order; out = y.sum(1) (fp32, deterministic)
+                           buffer (input dtype) in pair order; out = y.sum(1) in fp32
   backward (g = d out)
     _act_bwd_kernel        tiles x I-blocks: dA = g[tok] @ down[e]; d_weight partials
                            <dA, act> per I-block; d_pre = SwiGLU'(pre) * (w dA), (P, 2I)
@@ -151,7 +151,8 @@ def _rows_scatter_kernel(a_ptr, w_ptr, order_ptr, weights_ptr, tile_expert_ptr, 
         b_ptrs += BLOCK_K * stride_wk
     if SCALE:
         acc *= tl.load(weights_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)[:, None]
-    tl.store(out_ptr + pair[:, None] * N + cols[None, :], acc,
+    out = _round_to(acc, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + pair[:, None] * N + cols[None, :], out,
              mask=row_mask[:, None] & col_mask[None, :])
 
 
@@ -331,11 +332,12 @@ def moe_forward(hidden, gate_up, down, topk_ids, weights):
         hidden, gate_up, route["order"], route["tile_expert"], route["tile_row"], route["end"],
         pre, act, h, inter, topk, DOT_PRECISION=prec, **c,
     )
-    y = torch.empty(n, topk, h, device=hidden.device, dtype=torch.float32)
+    # Per-pair rows in the input dtype (half the memory of fp32); the k-sum is done in fp32.
+    y = torch.empty(n, topk, h, device=hidden.device, dtype=hidden.dtype)
     # down[e] is (H, I): B[kk over I, n over H] = down[e, n, kk].
     _launch_rows_scatter(act, down, route, weights, y, inter, h, (h * inter, 1, inter), True,
                          cfg, prec)
-    return y.sum(1).to(hidden.dtype), pre, route
+    return y.sum(1, dtype=torch.float32).to(hidden.dtype), pre, route
 
 
 def moe_backward(grad_out, hidden, gate_up, down, weights, pre, route, needs):
@@ -365,11 +367,12 @@ def moe_backward(grad_out, hidden, gate_up, down, weights, pre, route, needs):
             dw[route["order"].long()] = dw_part.sum(1)
             d_weights = dw.view(n, topk)
         if needs[0]:
+            # fp32: rounding these rows to bf16 doubled d_hidden's error in tests.
             dh = torch.empty(n, topk, h, device=hidden.device, dtype=torch.float32)
             # gate_up[e] is (2I, H): B[kk over 2I, n over H] = gate_up[e, kk, n].
             _launch_rows_scatter(d_pre, gate_up, route, weights, dh, two_i, h,
                                  (two_i * h, h, 1), False, cfg, prec)
-            d_hidden = dh.sum(1).to(hidden.dtype)
+            d_hidden = dh.sum(1, dtype=torch.float32).to(hidden.dtype)
         if needs[1]:
             c = cfg["wgrad"]
             d_gate_up = torch.empty_like(gate_up)
