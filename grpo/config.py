@@ -82,6 +82,10 @@ class GRPOConfig:
     kernel_backend: str = _f("auto", "auto (Triton on GPU), triton, reference (PyTorch)",
                              choices=("auto", "triton", "reference"))
     ref_on_cpu: bool = _f(False, "keep the reference model on the CPU between uses")
+    routing_replay: bool = _f(None, "MoE: record the experts each token used while sampling and "
+                                    "replay them in the training forwards [on for MoE models]")
+    freeze_router: bool = _f(False, "MoE: keep the router weights fixed")
+    router_aux_loss_coef: float = _f(0.0, "MoE: weight of the load-balancing auxiliary loss")
     seed: int = _f(0, "seed of data, sampling and initialisation")
     # --- cold start ---
     sft_steps: int = _f(None, "supervised cold-start steps before GRPO [0; 200 built-in]")

@@ -9,6 +9,7 @@ per-token log-probs and the decoded completion texts. The first engine uses tran
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ class Rollout:
     truncated: torch.Tensor  # (N,) bool: no EOS within max_completion_length
     sampler_logp: torch.Tensor  # (N, C) fp32 log-probs under the sampling distribution
     texts: list[str]  # decoded completions, special tokens dropped
+    routing: torch.Tensor | None = None  # (L, N, P + C - 1, k) MoE expert ids, when recorded
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
@@ -98,13 +100,15 @@ class TransformersEngine:
     """Sampling with transformers' generate (KV cache), G samples per prompt in one batch."""
 
     def __init__(self, model, tokenizer, *, max_prompt_length: int, max_completion_length: int,
-                 temperature: float = 1.0, top_p: float = 1.0, overflow: str = "truncate"):
+                 temperature: float = 1.0, top_p: float = 1.0, overflow: str = "truncate",
+                 replay=None):
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer needs a pad token and an EOS token for rollouts")
         self.model, self.tokenizer = model, tokenizer
         self.max_prompt_length, self.max_completion_length = max_prompt_length, \
             max_completion_length
         self.temperature, self.top_p, self.overflow = temperature, top_p, overflow
+        self.replay = replay  # models.RoutingReplay: record the experts while sampling
 
     @torch.no_grad()
     def generate(self, prompts: list[str], num_generations: int, *,
@@ -122,15 +126,18 @@ class TransformersEngine:
             processors.append(TopPLogitsWarper(self.top_p))
         was_training = self.model.training
         self.model.eval()  # no dropout while sampling; the KV cache is on in eval mode
+        recording = self.replay.record(ids.shape[0]) if self.replay is not None and not greedy \
+            else contextlib.nullcontext()
         try:
-            out = self.model.generate(
-                input_ids=ids, attention_mask=mask, do_sample=not greedy,
-                max_new_tokens=self.max_completion_length,
-                logits_processor=LogitsProcessorList(processors + [recorder]),
-                temperature=1.0, top_p=1.0, top_k=None,  # the warpers above do it, in order
-                pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self.tokenizer.eos_token_id, use_cache=True,
-            )
+            with recording:
+                out = self.model.generate(
+                    input_ids=ids, attention_mask=mask, do_sample=not greedy,
+                    max_new_tokens=self.max_completion_length,
+                    logits_processor=LogitsProcessorList(processors + [recorder]),
+                    temperature=1.0, top_p=1.0, top_k=None,  # the warpers above, in order
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    eos_token_id=self.tokenizer.eos_token_id, use_cache=True,
+                )
         finally:
             self.model.train(was_training)
         completion_ids = out[:, ids.shape[1]:]  # (N, C)
@@ -140,5 +147,6 @@ class TransformersEngine:
             torch.zeros_like(completion_ids, dtype=torch.float32)
         texts = self.tokenizer.batch_decode(completion_ids * c_mask + self.tokenizer.pad_token_id
                                             * (1 - c_mask), skip_special_tokens=True)
+        routing = self.replay.recorded() if self.replay is not None and not greedy else None
         return Rollout(ids, mask, completion_ids, c_mask, truncated,
-                       sampler_logp * c_mask, texts)
+                       sampler_logp * c_mask, texts, routing)

@@ -27,6 +27,8 @@ import torch
 import kernels
 from kernels import reference
 from models import load_model, make_tiny, save_model
+from models.layout import MOE_FAMILIES
+from models.routing_replay import RoutingReplay
 
 from . import data as data_mod
 from . import rewards as rewards_mod
@@ -75,15 +77,17 @@ class GRPOTrainer:
         weights = list(self.cfg.reward_weights) or [1.0] * len(self.reward_fns)
         weights += [1.0] * (len(self.reward_fns) - len(weights))
         self.reward_weights = torch.tensor(weights, dtype=torch.float32)
+        self.replay = self._routing_replay()
         self.engine = TransformersEngine(
             self.model, self.tokenizer, max_prompt_length=self.cfg.max_prompt_length,
             max_completion_length=self.cfg.max_completion_length,
             temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-            overflow=self.cfg.prompt_overflow)
+            overflow=self.cfg.prompt_overflow, replay=self.replay)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.learning_rate,
                                            weight_decay=self.cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.ref_model = None
+        self._aux_loss = None  # the router's load-balancing loss of the last forward
         self.state = {"step": 0, "data_position": 0, "sft_done": False, "eval": {}}
 
     # --- setup ------------------------------------------------------------------------
@@ -121,6 +125,20 @@ class GRPOTrainer:
             enable = getattr(model, "activation_checkpointing_enable", None)
             (enable or model.gradient_checkpointing_enable)()
         return model, tokenizer
+
+    def _routing_replay(self) -> RoutingReplay | None:
+        """MoE policies record the sampler's experts and replay them in training; the router
+        can be frozen. The reference model never replays."""
+        is_moe = self.model.config.model_type in MOE_FAMILIES
+        if self.cfg.freeze_router and is_moe:
+            for block in self.model.modules():
+                if hasattr(getattr(block, "experts", None), "gate_up_proj"):
+                    block.gate.requires_grad_(False)
+        wanted = self.cfg.routing_replay
+        if wanted and not is_moe:
+            raise ValueError(f"--routing-replay needs an MoE model, got "
+                             f"{self.model.config.model_type}")
+        return RoutingReplay(self.model) if is_moe and wanted is not False else None
 
     def _load_data(self):
         if self.cfg.data:
@@ -311,9 +329,18 @@ class GRPOTrainer:
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         n = rollout.completion_ids.shape[1]
         dev = next(model.parameters()).device
+        if model is self.model and self.replay is not None and rollout.routing is not None:
+            self.replay.set(rollout.routing[:, rows])  # until the caller's clear()
+        aux = {"output_router_logits": True} if self.cfg.router_aux_loss_coef > 0 else {}
         out = model(input_ids=input_ids.to(dev), attention_mask=attention.to(dev),
-                    position_ids=positions.to(dev), logits_to_keep=n + 1, use_cache=False)
+                    position_ids=positions.to(dev), logits_to_keep=n + 1, use_cache=False,
+                    **aux)
+        self._aux_loss = getattr(out, "aux_loss", None)
         return out.logits[:, :-1].to(self.device)
+
+    def _clear_replay(self) -> None:
+        if self.replay is not None:
+            self.replay.clear()
 
     def _reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
         if not self.cfg.ref_on_cpu or self.device.type == "cpu":
@@ -333,6 +360,7 @@ class GRPOTrainer:
             logits = self._forward_logits(model, rollout, rows)
             parts.append(self.logprobs_fn(logits, rollout.completion_ids[rows],
                                           temperature=self.cfg.temperature))
+            self._clear_replay()
         model.train(was_training)
         return torch.cat(parts)  # (N, C) fp32
 
@@ -366,7 +394,11 @@ class GRPOTrainer:
                 if cfg.loss_type in ("grpo", "dr_grpo"):
                     # These average over the micro-batch's sequences: weight by its share.
                     loss = loss * ((rows.stop - rows.start) / n)
+                if cfg.router_aux_loss_coef > 0 and self._aux_loss is not None:
+                    loss = loss + cfg.router_aux_loss_coef * self._aux_loss * \
+                        ((rows.stop - rows.start) / n)
                 loss.backward()
+                self._clear_replay()  # kept until here: checkpointing recomputes in backward
                 weight = float(loss_mask[rows].sum())
                 tokens += weight
                 totals["loss"] = totals.get("loss", 0.0) + loss.item() / cfg.num_iterations
@@ -441,9 +473,11 @@ def _micro_batches(n: int, size: int) -> list[slice]:
 
 
 def _rows(rollout: Rollout, rows: slice) -> Rollout:
+    routing = None if rollout.routing is None else rollout.routing[:, rows]
     return Rollout(rollout.prompt_ids[rows], rollout.prompt_mask[rows],
                    rollout.completion_ids[rows], rollout.completion_mask[rows],
-                   rollout.truncated[rows], rollout.sampler_logp[rows], rollout.texts[rows])
+                   rollout.truncated[rows], rollout.sampler_logp[rows], rollout.texts[rows],
+                   routing)
 
 
 def _concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
@@ -460,6 +494,17 @@ def _concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
     def right(t: torch.Tensor, width: int, value) -> torch.Tensor:
         return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
 
+    routing = None
+    if all(r.routing is not None for r in parts):
+        # (L, n, P_i + C_i - 1, k): the prompt part is padded on the left, the rest right.
+        def pad_routing(r: Rollout) -> torch.Tensor:
+            p_i = r.prompt_ids.shape[1]
+            front, back = r.routing[:, :, :p_i], r.routing[:, :, p_i:]
+            front = torch.nn.functional.pad(front, (0, 0, p - p_i, 0))
+            back = torch.nn.functional.pad(back, (0, 0, 0, c - 1 - back.shape[2]))
+            return torch.cat([front, back], dim=2)
+
+        routing = torch.cat([pad_routing(r) for r in parts], dim=1)
     return Rollout(
         torch.cat([left(r.prompt_ids, p, pad_id) for r in parts]),
         torch.cat([left(r.prompt_mask, p, 0) for r in parts]),
@@ -468,6 +513,7 @@ def _concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         torch.cat([r.truncated for r in parts]),
         torch.cat([right(r.sampler_logp, c, 0.0) for r in parts]),
         [t for r in parts for t in r.texts],
+        routing,
     )
 
 

@@ -186,3 +186,44 @@ def test_one_step_on_gpu_with_triton_kernels(tmp_path, kind):
     summary = GRPOTrainer(cfg).train()
     line = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
     assert summary["device"].startswith("cuda") and math.isfinite(line["loss"])
+
+
+def test_moe_routing_replay_lines_up_with_the_sampler(tmp_path):
+    """Rollouts of different prompt widths are re-padded when dynamic sampling stacks them;
+    the replayed routing must stay on its tokens and give each the sampler's log-prob."""
+    from grpo.trainer import _concat_rollouts
+
+    model = str(make_tiny(tmp_path / "moe", kind="moe"))
+    trainer = GRPOTrainer(_config(tmp_path, model=model))
+    assert trainer.replay is not None
+    parts = [trainer.engine.generate(prompts, 2) for prompts in (["1+2\n"], ["123+456\n",
+                                                                           "7+8\n"])]
+    rollout = _concat_rollouts(parts, trainer.tokenizer.pad_token_id)
+    layers, n, seq, _ = rollout.routing.shape
+    assert (layers, n) == (2, 6)
+    assert seq == rollout.prompt_ids.shape[1] + rollout.completion_ids.shape[1] - 1
+    logp = trainer._logprobs(trainer.model, rollout)
+    mask = rollout.completion_mask.bool()
+    torch.testing.assert_close(logp[mask], rollout.sampler_logp[mask], rtol=1e-4, atol=1e-4)
+    # A free forward of the padded batch routes (CPU, fp32) as the sampler did, token by token.
+    attention = torch.cat([rollout.prompt_mask, rollout.completion_mask], 1)
+    with torch.no_grad(), trainer.replay.record(num_rows=n):
+        trainer.model(input_ids=torch.cat([rollout.prompt_ids, rollout.completion_ids], 1),
+                      attention_mask=attention,
+                      position_ids=(attention.cumsum(-1) - 1).clamp(min=0), use_cache=False)
+    free = trainer.replay.recorded()[:, :, :-1]
+    real = attention[:, :-1].bool()
+    agree = (free[:, real] == rollout.routing[:, real]).all(-1).float().mean()
+    assert agree > 0.99, agree
+
+
+def test_frozen_router_and_aux_loss(tmp_path):
+    model = str(make_tiny(tmp_path / "moe", kind="moe"))
+    trainer = GRPOTrainer(_config(tmp_path, model=model, freeze_router=True,
+                                  router_aux_loss_coef=0.01, learning_rate=1e-2))
+    routers = [r.weight.detach().clone() for r in trainer.replay.routers]
+    trainer.step()
+    assert all(torch.equal(r.weight, before)
+               for r, before in zip(trainer.replay.routers, routers, strict=True))
+    with pytest.raises(ValueError, match="needs an MoE model"):
+        GRPOTrainer(_config(tmp_path, routing_replay=True, overwrite=True))
