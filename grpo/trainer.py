@@ -266,7 +266,9 @@ class GRPOTrainer:
         old_logp = self._logprobs(self.model, rollout) if self.cfg.num_iterations > 1 else None
         ref_logp = self._reference_logprobs(rollout) if self.cfg.beta > 0 else None
         t2 = time.perf_counter()
-        loss_stats = self.accumulate_gradients(batch, loss_mask, old_logp, ref_logp)
+        routing_stats = self._routing_metrics(rollout) if self.replay is not None else {}
+        loss_stats = {**self.accumulate_gradients(batch, loss_mask, old_logp, ref_logp),
+                      **routing_stats}
         grad_norm = self._optimizer_step()
         t3 = time.perf_counter()
         return self._step_metrics(batch, loss_stats, grad_norm, t3 - t0,
@@ -321,7 +323,8 @@ class GRPOTrainer:
         return rewards_mod.score(self.reward_fns, rollout.texts, columns,
                                  on_error=self.cfg.reward_errors)
 
-    def _forward_logits(self, model, rollout: Rollout, rows: slice) -> torch.Tensor:
+    def _forward_logits(self, model, rollout: Rollout, rows: slice,
+                        replay: bool = True) -> torch.Tensor:
         """Logits (mb, C, V) at the positions that predict the completion tokens."""
         input_ids = torch.cat([rollout.prompt_ids[rows], rollout.completion_ids[rows]], 1)
         attention = torch.cat([rollout.prompt_mask[rows], rollout.completion_mask[rows]], 1)
@@ -329,7 +332,8 @@ class GRPOTrainer:
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         n = rollout.completion_ids.shape[1]
         dev = next(model.parameters()).device
-        if model is self.model and self.replay is not None and rollout.routing is not None:
+        if replay and model is self.model and self.replay is not None \
+                and rollout.routing is not None:
             self.replay.set(rollout.routing[:, rows])  # until the caller's clear()
         aux = {"output_router_logits": True} if self.cfg.router_aux_loss_coef > 0 else {}
         out = model(input_ids=input_ids.to(dev), attention_mask=attention.to(dev),
@@ -350,6 +354,32 @@ class GRPOTrainer:
             return self._logprobs(self.ref_model, rollout)
         finally:
             self.ref_model.to("cpu")
+
+    @torch.no_grad()
+    def _routing_metrics(self, rollout: Rollout) -> dict:
+        """On the first micro-batch: the share of token-layer routing decisions where a free
+        training forward differs from the rollout, and mean |sampler logp - training logp|
+        without and with replay (equal only at top_p = 1: the sampler's logp is warped)."""
+        rows = _micro_batches(len(rollout), self.cfg.micro_batch_size)[0]
+        ids, mask = rollout.completion_ids[rows], rollout.completion_mask[rows].bool()
+        sampler = rollout.sampler_logp[rows][mask]
+        was_training = self.model.training
+        self.model.eval()
+        with self.replay.record(num_rows=rows.stop - rows.start):
+            free = self._forward_logits(self.model, rollout, rows, replay=False)
+        free_routing = self.replay.recorded()[:, :, :-1]
+        replayed = self._forward_logits(self.model, rollout, rows)
+        self._clear_replay()
+        self.model.train(was_training)
+        real = torch.cat([rollout.prompt_mask[rows], rollout.completion_mask[rows]], 1)
+        real = real[:, :-1].bool().cpu()
+        differs = (free_routing[:, real] != rollout.routing[:, rows][:, real]).any(-1)
+        t = self.cfg.temperature
+        logp = {name: self.logprobs_fn(logits, ids, temperature=t)[mask]
+                for name, logits in (("free", free), ("replay", replayed))}
+        return {"routing_mismatch": float(differs.float().mean()),
+                "logp_gap_no_replay": float((logp["free"] - sampler).abs().mean()),
+                "logp_gap_replay": float((logp["replay"] - sampler).abs().mean())}
 
     @torch.no_grad()
     def _logprobs(self, model, rollout: Rollout) -> torch.Tensor:

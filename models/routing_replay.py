@@ -99,8 +99,10 @@ class RoutingReplay:
         layer = self._layer[id(router)]
         if self._num_rows is not None:
             compact = torch.int16 if router.weight.shape[0] < 2**15 else torch.int32
-            self._records[layer].append(
-                ids.detach().to(compact).view(self._num_rows, -1, ids.shape[-1]).cpu())
+            record = ids.detach().to(compact).view(self._num_rows, -1, ids.shape[-1]).cpu()
+            if record.numel() >= 2**20 and torch.cuda.is_available():
+                record = record.pin_memory()  # large: pinned for fast copies back
+            self._records[layer].append(record)
             return None
         if self._replay is None:
             return None

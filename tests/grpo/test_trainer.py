@@ -52,6 +52,9 @@ def test_three_steps_end_to_end(tmp_path, kind):
         assert key in lines[-1], key
     assert ("kl" in lines[-1]) == (cfg.beta > 0)
     assert all(math.isfinite(line["loss"]) for line in lines)
+    if kind == "moe":  # routing replay on by default: its figures are logged
+        assert lines[-1]["routing_mismatch"] == 0.0  # fp32 on the CPU routes alike
+        assert lines[-1]["logp_gap_replay"] < 1e-4
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ours, _ = load_model(run / "final", dtype=torch.float32)
     theirs = AutoModelForCausalLM.from_pretrained(run / "final")

@@ -60,9 +60,11 @@ def cases(device):
     # Every token sends both slots to expert 2 (repeated ids are summed, as in the reference).
     same = torch.full((9, 2), 2, dtype=torch.long)
     yield "one_expert", make_inputs(9, 16, 24, 4, 2, seed=4, ids=same, device=device)
+    yield "top1", make_inputs(11, 24, 20, 5, 1, seed=5, device=device)
+    yield "top8", make_inputs(5, 16, 12, 10, 8, seed=6, device=device)
 
 
-CASE_NAMES = ["odd", "multi_tile", "empty_expert", "one_expert"]
+CASE_NAMES = ["odd", "multi_tile", "empty_expert", "one_expert", "top1", "top8"]
 
 
 def get_case(name, device):
