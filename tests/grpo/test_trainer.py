@@ -230,3 +230,11 @@ def test_frozen_router_and_aux_loss(tmp_path):
                for r, before in zip(trainer.replay.routers, routers, strict=True))
     with pytest.raises(ValueError, match="needs an MoE model"):
         GRPOTrainer(_config(tmp_path, routing_replay=True, overwrite=True))
+
+
+def test_moe_step_with_replay_off(tmp_path):
+    model = str(make_tiny(tmp_path / "moe", kind="moe"))
+    trainer = GRPOTrainer(_config(tmp_path, model=model, routing_replay=False))
+    assert trainer.replay is None
+    metrics = trainer.step()
+    assert math.isfinite(metrics["loss"]) and "routing_mismatch" not in metrics
