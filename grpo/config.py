@@ -81,6 +81,8 @@ class GRPOConfig:
     device: str = _f("auto", "cuda, cpu; auto: cuda when available")
     kernel_backend: str = _f("auto", "auto (Triton on GPU), triton, reference (PyTorch)",
                              choices=("auto", "triton", "reference"))
+    fused_loss: bool = _f(None, "GRPO loss and log-probs straight from the last hidden states "
+                                "(lm_head fused in, no (B, T, V) logits) [on on GPU]")
     ref_on_cpu: bool = _f(False, "keep the reference model on the CPU between uses")
     routing_replay: bool = _f(None, "MoE: record the experts each token used while sampling and "
                                     "replay them in the training forwards [on for MoE models]")

@@ -12,6 +12,7 @@ before and after GRPO, and the run directory (config, metrics, curves, summary, 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -107,6 +108,11 @@ class GRPOTrainer:
 
     def _select_kernels(self) -> None:
         backend = self.cfg.kernel_backend
+        fused = self.cfg.fused_loss
+        if fused is None:
+            fused = self.device.type == "cuda" and backend != "reference"
+        # The load-balancing loss comes from the full model's forward: not with the fused path.
+        self.fused = bool(fused) and self.cfg.router_aux_loss_coef == 0
         probe = torch.empty(0, device=self.device)
         if backend == "triton" and not kernels._checks.use_triton(probe):
             raise ValueError("kernel_backend='triton' needs a CUDA device (or TRITON_INTERPRET=1)")
@@ -323,9 +329,10 @@ class GRPOTrainer:
         return rewards_mod.score(self.reward_fns, rollout.texts, columns,
                                  on_error=self.cfg.reward_errors)
 
-    def _forward_logits(self, model, rollout: Rollout, rows: slice,
-                        replay: bool = True) -> torch.Tensor:
-        """Logits (mb, C, V) at the positions that predict the completion tokens."""
+    def _forward_logits(self, model, rollout: Rollout, rows: slice, replay: bool = True,
+                        hidden: bool = False):
+        """Logits (mb, C, V) at the positions that predict the completion tokens; with
+        hidden=True the last hidden states there (mb, C, H) and the lm_head weight instead."""
         input_ids = torch.cat([rollout.prompt_ids[rows], rollout.completion_ids[rows]], 1)
         attention = torch.cat([rollout.prompt_mask[rows], rollout.completion_mask[rows]], 1)
         # Positions as generate() numbers them: left padding does not count.
@@ -335,10 +342,13 @@ class GRPOTrainer:
         if replay and model is self.model and self.replay is not None \
                 and rollout.routing is not None:
             self.replay.set(rollout.routing[:, rows])  # until the caller's clear()
+        inputs = dict(input_ids=input_ids.to(dev), attention_mask=attention.to(dev),
+                      position_ids=positions.to(dev), use_cache=False)
+        if hidden:
+            states = model.get_decoder()(**inputs).last_hidden_state[:, -(n + 1):-1]
+            return states.to(self.device), model.get_output_embeddings().weight
         aux = {"output_router_logits": True} if self.cfg.router_aux_loss_coef > 0 else {}
-        out = model(input_ids=input_ids.to(dev), attention_mask=attention.to(dev),
-                    position_ids=positions.to(dev), logits_to_keep=n + 1, use_cache=False,
-                    **aux)
+        out = model(**inputs, logits_to_keep=n + 1, **aux)
         self._aux_loss = getattr(out, "aux_loss", None)
         return out.logits[:, :-1].to(self.device)
 
@@ -387,9 +397,14 @@ class GRPOTrainer:
         model.eval()
         parts = []
         for rows in _micro_batches(len(rollout), self.cfg.micro_batch_size):
-            logits = self._forward_logits(model, rollout, rows)
-            parts.append(self.logprobs_fn(logits, rollout.completion_ids[rows],
-                                          temperature=self.cfg.temperature))
+            ids, t = rollout.completion_ids[rows], self.cfg.temperature
+            if self.fused:
+                states, weight = self._forward_logits(model, rollout, rows, hidden=True)
+                parts.append(kernels.token_logprobs_from_hidden(states, weight.to(states.device),
+                                                                ids, temperature=t))
+            else:
+                logits = self._forward_logits(model, rollout, rows)
+                parts.append(self.logprobs_fn(logits, ids, temperature=t))
             self._clear_replay()
         model.train(was_training)
         return torch.cat(parts)  # (N, C) fp32
@@ -408,9 +423,15 @@ class GRPOTrainer:
         self.model.train()
         for _ in range(cfg.num_iterations):
             for rows in _micro_batches(n, cfg.micro_batch_size):
-                logits = self._forward_logits(self.model, rollout, rows)
-                loss, stats = self.loss_fn(
-                    logits, rollout.completion_ids[rows], batch.advantages[rows],
+                if self.fused:  # the lm_head inside the loss: no (mb, C, V) logits
+                    states, weight = self._forward_logits(self.model, rollout, rows,
+                                                          hidden=True)
+                    loss_fn = functools.partial(kernels.linear_grpo_loss, states, weight)
+                else:
+                    loss_fn = functools.partial(self.loss_fn,
+                                                self._forward_logits(self.model, rollout, rows))
+                loss, stats = loss_fn(
+                    rollout.completion_ids[rows], batch.advantages[rows],
                     loss_mask[rows], None if old_logp is None else old_logp[rows],
                     None if ref_logp is None else ref_logp[rows],
                     temperature=cfg.temperature, beta=cfg.beta, eps_low=cfg.eps_low,

@@ -6,7 +6,9 @@ kernels themselves under the interpreter when TRITON_INTERPRET=1 is set before i
 
 from .advantages import group_advantages
 from .grpo_loss import grpo_loss
+from .linear_grpo_loss import linear_grpo_loss, token_logprobs_from_hidden
 from .logprobs import token_logprobs
 from .moe import moe_experts
 
-__all__ = ["group_advantages", "grpo_loss", "moe_experts", "token_logprobs"]
+__all__ = ["group_advantages", "grpo_loss", "linear_grpo_loss", "moe_experts", "token_logprobs",
+           "token_logprobs_from_hidden"]

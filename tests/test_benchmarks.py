@@ -9,10 +9,11 @@ import pytest
 
 
 @pytest.mark.parametrize("script", ["bench_grpo_loss", "bench_logprobs", "bench_advantages",
-                                    "bench_moe"])
+                                    "bench_moe", "bench_linear_grpo_loss"])
 def test_smoke_run(script, capsys):
     bench = importlib.import_module(f"benchmarks.{script}")
-    bench.main(["--smoke", "--providers", "eager,ours", "--warmup", "1", "--rep", "1"])
+    ours = "fused_ours" if script == "bench_linear_grpo_loss" else "ours"
+    bench.main(["--smoke", "--providers", f"eager,{ours}", "--warmup", "1", "--rep", "1"])
     out = capsys.readouterr().out
-    assert "ours" in out and "eager" in out
+    assert ours in out and "eager" in out
     assert "note:" not in out.replace("note: compile", ""), out

@@ -238,3 +238,25 @@ def test_moe_step_with_replay_off(tmp_path):
     assert trainer.replay is None
     metrics = trainer.step()
     assert math.isfinite(metrics["loss"]) and "routing_mismatch" not in metrics
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_fused_lm_head_path_matches_logits_path(tmp_path, kind):
+    """--fused-loss (the GPU default): the loss from the last hidden states gives the same
+    log-probs and gradients as logits + grpo_loss."""
+    model = "" if kind == "dense" else str(make_tiny(tmp_path / "moe", kind="moe"))
+    trainer = GRPOTrainer(_config(tmp_path, model=model, fused_loss=False, beta=0.04,
+                                  num_iterations=2))
+    batch = trainer.sample_batch()
+    batch.advantages = torch.randn(len(batch.rollout), generator=torch.Generator().manual_seed(3))
+    mask = batch.rollout.completion_mask.float()
+    results = []
+    for fused in (False, True):
+        trainer.fused = fused
+        old = trainer._logprobs(trainer.model, batch.rollout)
+        trainer.accumulate_gradients(batch, mask, old - 0.1, old + 0.2)
+        results.append((old, [p.grad.clone() for p in trainer.model.parameters()]))
+        trainer.optimizer.zero_grad(set_to_none=True)
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    for fused_grad, logits_grad in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(fused_grad, logits_grad, rtol=1e-4, atol=1e-6)
