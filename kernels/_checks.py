@@ -120,6 +120,31 @@ def check_loss_options(
         raise ValueError(f"num_items must be > 0, got {float(num_items)}")
 
 
+def check_loss_inputs(
+    like: torch.Tensor,
+    ids: torch.Tensor,
+    vocab: int,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    **options,
+) -> None:
+    """The per-token and per-sequence inputs of a GRPO loss over `like` (B, T, ...) with
+    vocabulary `vocab`, and its options (see check_loss_options)."""
+    check_bt(mask, "mask", like)
+    check_bt(old_logp, "old_logp", like)
+    check_bt(ref_logp, "ref_logp", like)
+    if not isinstance(advantages, torch.Tensor) or tuple(advantages.shape) != (like.shape[0],):
+        shape = tuple(advantages.shape) if isinstance(advantages, torch.Tensor) else advantages
+        raise ValueError(f"advantages must have shape (B,) = ({like.shape[0]},), got {shape}")
+    if advantages.device != like.device:
+        raise ValueError(f"advantages are on {advantages.device} but the inputs on "
+                         f"{like.device}")
+    check_loss_options(ref_logp=ref_logp, **options)
+    check_values(ids, vocab, {"advantages": advantages})
+
+
 def check_rewards(
     rewards: torch.Tensor, group_size: int, weights: torch.Tensor | None, scale: str
 ) -> None:

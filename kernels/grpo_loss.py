@@ -30,14 +30,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._checks import (
-    check_bt,
-    check_logits_ids,
-    check_loss_options,
-    check_values,
-    row_config,
-    use_triton,
-)
+from ._checks import check_logits_ids, check_loss_inputs, row_config, use_triton
 from .logprobs import (
     LOG2E,
     _logp_entropy_grad_sweep,
@@ -217,20 +210,12 @@ def grpo_loss(
     Stats: kl, clip_low, clip_high, clip_region, entropy, logp_mean (masked token means).
     """
     check_logits_ids(logits, ids)
-    check_bt(mask, "mask", logits)
-    check_bt(old_logp, "old_logp", logits)
-    check_bt(ref_logp, "ref_logp", logits)
-    if not isinstance(advantages, torch.Tensor) or tuple(advantages.shape) != (logits.shape[0],):
-        shape = tuple(advantages.shape) if isinstance(advantages, torch.Tensor) else advantages
-        raise ValueError(f"advantages must have shape (B,) = ({logits.shape[0]},), got {shape}")
-    if advantages.device != logits.device:
-        raise ValueError(f"advantages are on {advantages.device} but logits on {logits.device}")
-    check_loss_options(
-        temperature=temperature, beta=beta, ref_logp=ref_logp, eps_low=eps_low,
-        eps_high=eps_high, delta=delta, loss_type=loss_type, importance_level=importance_level,
+    check_loss_inputs(
+        logits, ids, logits.shape[-1], advantages, mask, old_logp, ref_logp,
+        temperature=temperature, beta=beta, eps_low=eps_low, eps_high=eps_high, delta=delta,
+        loss_type=loss_type, importance_level=importance_level,
         max_completion_length=max_completion_length, num_items=num_items,
     )
-    check_values(ids, logits.shape[-1], {"advantages": advantages})
     ref_logp = ref_logp if beta > 0 else None
     options = dict(beta=beta, eps_low=eps_low, eps_high=eps_high, delta=delta,
                    loss_type=loss_type, entropy_coef=entropy_coef)

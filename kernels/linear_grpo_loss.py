@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._checks import check_bt, check_logits_ids, check_loss_options, check_values, use_triton
+from ._checks import check_logits_ids, check_loss_inputs, check_values, use_triton
 from .grpo_loss import _per_token_from_logp, _token_level_fused
 from .logprobs import logprobs_backward, logprobs_forward
 
@@ -138,15 +138,12 @@ def linear_grpo_loss(
     reused in place); `logits_fp32` computes the lm_head in fp32."""
     del inplace
     _check(hidden, weight, ids)
-    for name, t in (("mask", mask), ("old_logp", old_logp), ("ref_logp", ref_logp)):
-        check_bt(t, name, hidden)
-    if not isinstance(advantages, torch.Tensor) or tuple(advantages.shape) != (hidden.shape[0],):
-        raise ValueError(f"advantages must have shape (B,) = ({hidden.shape[0]},)")
-    check_loss_options(
-        temperature=temperature, beta=beta, ref_logp=ref_logp, eps_low=eps_low,
-        eps_high=eps_high, delta=delta, loss_type=loss_type, importance_level=importance_level,
-        max_completion_length=max_completion_length, num_items=num_items)
-    check_values(ids, weight.shape[0], {"advantages": advantages})
+    check_loss_inputs(
+        hidden, ids, weight.shape[0], advantages, mask, old_logp, ref_logp,
+        temperature=temperature, beta=beta, eps_low=eps_low, eps_high=eps_high, delta=delta,
+        loss_type=loss_type, importance_level=importance_level,
+        max_completion_length=max_completion_length, num_items=num_items,
+    )
     ref_logp = ref_logp if beta > 0 else None
     options = dict(beta=beta, eps_low=eps_low, eps_high=eps_high, delta=delta,
                    loss_type=loss_type, entropy_coef=entropy_coef)
