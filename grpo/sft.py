@@ -10,7 +10,6 @@ context), each completion ending with EOS so the model learns to stop.
 from __future__ import annotations
 
 import argparse
-import math
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,7 +57,8 @@ def run_sft(model, tokenizer, pairs: Sequence[tuple[str, str]], *, steps: int, l
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+        return 0.5 * (1 + torch.cos(torch.tensor(torch.pi * (step - warmup) /
+                                                 max(total - warmup, 1))).item())
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     model.train()
