@@ -14,6 +14,12 @@ deleted), so at every moment a complete checkpoint exists on disk. The one windo
 One process writes a run directory at a time; leftovers of a crashed save are removed by the
 next successful one.
 
+A distributed run (FSDP2-sharded policy, see grpo/distributed.py) writes the same layout plus
+`sharded/`, a torch.distributed.checkpoint directory with the model and optimizer state in
+shards, written by every rank in parallel. It is resharded on load, so a run can resume with
+any number of processes (one included, without torchrun); `model/` is the gathered model,
+written by rank 0. Each rank's RNG state is kept; a different world size re-seeds instead.
+
 `trainer_state.pt` holds only tensors and plain Python values, so it is read with
 `torch.load(weights_only=True)`: loading a checkpoint never runs pickled code.
 """
@@ -34,10 +40,13 @@ import torch
 from models import load_model, save_model
 from models.saving import _replace_dir
 
+from . import distributed
+
 CHECKPOINT_NAME = "checkpoint"
 MODEL_DIR = "model"
 TRAINER_STATE = "trainer_state.pt"
 STATE_JSON = "state.json"
+SHARDED_DIR = "sharded"
 _FORMAT_VERSION = 1
 _TRAINER_KEYS = ("optimizer", "scheduler", "rng", "state")
 
@@ -58,6 +67,8 @@ def save_checkpoint(
     path = Path(path)
     # Serialise first: a state that is not JSON-able fails before anything is written.
     state_text = json.dumps(state, indent=2) + "\n"
+    if distributed.is_sharded(model):
+        return _save_sharded(path, model, tokenizer, optimizer, scheduler, state, state_text)
     trainer_state = {
         "version": _FORMAT_VERSION,
         "optimizer": optimizer.state_dict(),
@@ -100,6 +111,12 @@ def load_checkpoint(
     path = Path(path)
     _check_files(path)
     trainer_state = _read_trainer_state(path / TRAINER_STATE, device)
+    if (path / SHARDED_DIR).is_dir():
+        return _load_sharded(path, trainer_state, model, optimizer, scheduler)
+    if distributed.is_sharded(model):
+        raise ValueError(f"{path}: written by a single-process run (no {SHARDED_DIR}/); resume "
+                         f"it without torchrun, or start the distributed run from its "
+                         f"{MODEL_DIR}/ with --model")
     _check_optimizer(path, trainer_state["optimizer"], optimizer)
     if scheduler is not None and trainer_state["scheduler"] is None:
         raise ValueError(f"{path}: checkpoint was saved without a scheduler, but one was given")
@@ -117,6 +134,72 @@ def load_checkpoint(
         scheduler.load_state_dict(trainer_state["scheduler"])
     # Last: building the fresh model above draws from the torch RNG (parameter init).
     restore_rng(trainer_state["rng"])
+    return trainer_state["state"]
+
+
+def _save_sharded(path: Path, model, tokenizer, optimizer, scheduler, state: dict,
+                  state_text: str) -> Path:
+    """The distributed save: a collective, every rank calls it with its shard."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    tmp = path.parent / distributed.broadcast_object(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    rngs = distributed.all_gather_objects(capture_rng())
+    try:
+        if distributed.is_main():
+            tmp.mkdir(parents=True)
+        distributed.barrier()
+        distributed.save_full_model(model, tokenizer, tmp / MODEL_DIR)
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optim_state},
+                 checkpoint_id=str(tmp / SHARDED_DIR))
+        distributed.barrier()
+        if distributed.is_main():
+            torch.save({"version": _FORMAT_VERSION, "optimizer": None,
+                        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                        "rng": rngs, "world_size": distributed.world_size(), "state": state},
+                       tmp / TRAINER_STATE)
+            (tmp / STATE_JSON).write_text(state_text)
+            _replace_dir(tmp, path)
+            _remove_leftovers(path)
+    except BaseException:
+        if distributed.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    distributed.barrier()
+    return path
+
+
+def _load_sharded(path: Path, trainer_state: dict, model, optimizer, scheduler) -> dict:
+    """Resharding load of a distributed checkpoint, into a sharded or a plain model."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    saved = {"model": model_state, "optimizer": optim_state}
+    try:
+        dcp.load(saved, checkpoint_id=str(path / SHARDED_DIR))
+    except Exception as e:  # missing keys, wrong shapes, truncated shards
+        raise ValueError(f"{path / SHARDED_DIR}: cannot load into this model and optimizer "
+                         f"({type(e).__name__}: {e})") from e
+    set_state_dict(model, optimizer, model_state_dict=saved["model"],
+                   optim_state_dict=saved["optimizer"])
+    if scheduler is not None:
+        if trainer_state["scheduler"] is None:
+            raise ValueError(f"{path}: checkpoint was saved without a scheduler, but one was "
+                             f"given")
+        scheduler.load_state_dict(trainer_state["scheduler"])
+    rngs = trainer_state["rng"]
+    if isinstance(rngs, dict):  # a single-process run's state
+        rngs = [rngs]
+    if len(rngs) == distributed.world_size():
+        restore_rng(rngs[distributed.rank()])
+    else:  # another world size: the data order is global, only sampling noise differs
+        step = int(trainer_state["state"].get("step", 0))
+        seed = 1_000_003 * step + distributed.rank()
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
     return trainer_state["state"]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from transformers import (
@@ -60,6 +61,11 @@ class _SampledLogp(LogitsProcessor):
             self.prev = None
 
 
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def tokenize_prompts(tokenizer, prompts: list[str], max_length: int, overflow: str,
                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded (ids, mask); prompts over max_length keep their last tokens (with a
@@ -94,6 +100,49 @@ def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> tuple[torch.Te
     positions = torch.arange(completion_ids.shape[1], device=completion_ids.device)
     mask = (positions[None, :] <= first[:, None]).long()
     return mask, ~has_eos
+
+
+class Engine(Protocol):
+    """What the trainer needs from a rollout engine. `generate` returns completions grouped
+    per prompt; `sync_weights` is called after every optimizer step (engines that sample
+    from their own copy of the weights, such as vLLM, load the policy's new ones)."""
+
+    def generate(self, prompts: list[str], num_generations: int, *,
+                 greedy: bool = False) -> Rollout: ...
+
+    def sync_weights(self) -> None: ...
+
+
+def rollout_from_tokens(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                        completions: list[list[int]], logps: list[list[float]] | None = None,
+                        *, max_completion_length: int) -> Rollout:
+    """A Rollout from per-completion token lists (an engine's raw output, EOS included when
+    the completion stopped on it). Rows of prompt_ids (N, P) pair with completions. The mask
+    comes from the lengths, so it is right even when pad == EOS."""
+    n = len(completions)
+    if prompt_ids.shape[0] != n:
+        raise ValueError(f"{prompt_ids.shape[0]} prompt rows for {n} completions")
+    too_long = [len(c) for c in completions if len(c) > max_completion_length]
+    if too_long:
+        raise ValueError(f"a completion of {too_long[0]} tokens exceeds "
+                         f"max_completion_length={max_completion_length}")
+    width = max([len(c) for c in completions] + [1])
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    ids = torch.full((n, width), pad, dtype=torch.long)
+    logp = torch.zeros((n, width), dtype=torch.float32)
+    lengths = torch.tensor([len(c) for c in completions], dtype=torch.long)
+    for i, tokens in enumerate(completions):
+        if tokens:
+            ids[i, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            if logps is not None:
+                logp[i, :len(tokens)] = torch.tensor(logps[i], dtype=torch.float32)
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).long()  # (N, C)
+    truncated = torch.tensor([not c or c[-1] != eos for c in completions])
+    texts = tokenizer.batch_decode([c[:-1] if c and c[-1] == eos else c for c in completions],
+                                   skip_special_tokens=True)
+    device = prompt_ids.device
+    return Rollout(prompt_ids, prompt_mask, ids.to(device), mask.to(device), truncated.to(device),
+                   (logp * mask).to(device), texts)
 
 
 class TransformersEngine:
@@ -137,6 +186,8 @@ class TransformersEngine:
                     temperature=1.0, top_p=1.0, top_k=None,  # the warpers above, in order
                     pad_token_id=self.tokenizer.pad_token_id,
                     eos_token_id=self.tokenizer.eos_token_id, use_cache=True,
+                    # Sharded (FSDP) models: every rank decodes until all have finished.
+                    synced_gpus=_world_size() > 1,
                 )
         finally:
             self.model.train(was_training)
@@ -150,3 +201,6 @@ class TransformersEngine:
         routing = self.replay.recorded() if self.replay is not None and not greedy else None
         return Rollout(ids, mask, completion_ids, c_mask, truncated,
                        sampler_logp * c_mask, texts, routing)
+
+    def sync_weights(self) -> None:
+        """Nothing to do: generate() samples from the policy's own parameters."""

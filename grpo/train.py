@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
+from . import distributed
 from .config import parse_config
 from .rewards import RewardError
 from .trainer import GRPOTrainer
@@ -18,13 +19,16 @@ from .trainer import GRPOTrainer
 def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_config(argv)
-        trainer = GRPOTrainer(config)
+        trainer = GRPOTrainer(config)  # joins torchrun's process group, if any
         summary = trainer.train()
     except (ValueError, RewardError) as e:  # bad input: a message, not a traceback
         print(f"grpo-train: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2))
-    print(f"run directory: {trainer.run_dir}")
+    finally:
+        distributed.shutdown()
+    if distributed.rank() == 0:
+        print(json.dumps(summary, indent=2))
+        print(f"run directory: {trainer.run_dir}")
     return 0
 
 

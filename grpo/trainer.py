@@ -7,6 +7,8 @@ One optimizer step:
     -> clip, optimizer step -> metrics, eval, checkpoint.
 Around it: the cold start (supervised warm-up on worked solutions), held-out evaluation
 before and after GRPO, and the run directory (config, metrics, curves, summary, final/).
+Under torchrun every rank runs this loop on its own prompts with the policy sharded by FSDP2;
+grpo/distributed.py says what is reduced across ranks and why.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ import torch
 
 import kernels
 from kernels import reference
-from models import load_model, make_tiny, save_model
+from models import load_model, make_tiny
 from models.layout import MOE_FAMILIES
 from models.routing_replay import RoutingReplay
 
 from . import data as data_mod
+from . import distributed as dist_mod
 from . import rewards as rewards_mod
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import GRPOConfig
@@ -53,21 +56,33 @@ class Batch:
     adv_stats: dict
     failures: dict
     frac_zero_std: float  # over every sampled group, before dynamic sampling drops any
+    all_rewards: torch.Tensor  # (N_all, R) every rank's rewards (= rewards in one process)
 
 
 class GRPOTrainer:
     def __init__(self, config: GRPOConfig):
         self.cfg = config.resolve()
+        dist_mod.init_from_env()
+        self.rank, self.world = dist_mod.rank(), dist_mod.world_size()
+        if self.cfg.prompts_per_step % self.world:
+            raise ValueError(f"prompts_per_step={self.cfg.prompts_per_step} must be a multiple "
+                             f"of the number of processes ({self.world})")
         self.device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto"
             else config.device)
+        if self.device.type == "cuda" and self.world > 1:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = DTYPES["bf16" if self.device.type == "cuda" else "fp32"] \
             if config.dtype == "auto" else DTYPES[config.dtype]
+        # Sharded runs keep fp32 master parameters and compute in self.dtype.
+        self.compute_dtype = None
+        if self.world > 1 and self.dtype != torch.float32:
+            self.compute_dtype, self.dtype = self.dtype, torch.float32
         self.run_dir = Path(self.cfg.output_dir)
         # Data first: a bad dataset fails before anything is written or loaded.
         self.task, self.eval_examples, self.stream = self._load_data()
         self._prepare_run_dir()
-        _seed_everything(self.cfg.seed)
+        _seed_everything(self.cfg.seed + self.rank)
         self._select_kernels()
         self.model, self.tokenizer = self._load_policy()
         names = list(self.cfg.rewards) or list(self.task.rewards if self.task else
@@ -94,17 +109,24 @@ class GRPOTrainer:
     # --- setup ------------------------------------------------------------------------
 
     def _prepare_run_dir(self) -> None:
-        holds_run = (self.run_dir / "config.json").is_file()
-        if self.cfg.resume:
-            if find_checkpoint(self.run_dir) is None:
-                raise ValueError(f"--resume: {self.run_dir} has no checkpoint to resume from")
-        elif holds_run and not self.cfg.overwrite:
-            raise ValueError(f"{self.run_dir} holds another run; pass --resume to continue it "
-                             f"or --overwrite to replace it")
-        elif holds_run:
-            shutil.rmtree(self.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(self.run_dir / "config.json", self.cfg.to_dict())
+        """Rank 0 checks and prepares the run directory; the others wait for its verdict."""
+        error = None
+        if dist_mod.is_main():
+            holds_run = (self.run_dir / "config.json").is_file()
+            if self.cfg.resume:
+                if find_checkpoint(self.run_dir) is None:
+                    error = f"--resume: {self.run_dir} has no checkpoint to resume from"
+            elif holds_run and not self.cfg.overwrite:
+                error = (f"{self.run_dir} holds another run; pass --resume to continue it "
+                         f"or --overwrite to replace it")
+            elif holds_run:
+                shutil.rmtree(self.run_dir)
+            if error is None:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                _write_json(self.run_dir / "config.json", self.cfg.to_dict())
+        error = dist_mod.broadcast_object(error)
+        if error:
+            raise ValueError(error)
 
     def _select_kernels(self) -> None:
         backend = self.cfg.kernel_backend
@@ -112,7 +134,8 @@ class GRPOTrainer:
         if fused is None:
             fused = self.device.type == "cuda" and backend != "reference"
         # The load-balancing loss comes from the full model's forward: not with the fused path.
-        self.fused = bool(fused) and self.cfg.router_aux_loss_coef == 0
+        # Nor with FSDP: the lm_head weight is only gathered inside the model's own forward.
+        self.fused = bool(fused) and self.cfg.router_aux_loss_coef == 0 and self.world == 1
         probe = torch.empty(0, device=self.device)
         if backend == "triton" and not kernels._checks.use_triton(probe):
             raise ValueError("kernel_backend='triton' needs a CUDA device (or TRITON_INTERPRET=1)")
@@ -123,13 +146,16 @@ class GRPOTrainer:
 
     def _load_policy(self):
         path = Path(self.cfg.model) if self.cfg.model else self.run_dir / "init-model"
-        if not self.cfg.model and not (path / "config.json").is_file():
+        if not self.cfg.model and not (path / "config.json").is_file() and dist_mod.is_main():
             # The built-in demo model: a small Qwen2 with the character tokenizer.
             make_tiny(path, family="qwen2", hidden=128, layers=4, seed=self.cfg.seed)
+        dist_mod.barrier()
         model, tokenizer = load_model(path, dtype=self.dtype, device=self.device)
         if self.cfg.gradient_checkpointing:
             enable = getattr(model, "activation_checkpointing_enable", None)
             (enable or model.gradient_checkpointing_enable)()
+        if self.world > 1:
+            dist_mod.shard_model(model, compute_dtype=self.compute_dtype)
         return model, tokenizer
 
     def _routing_replay(self) -> RoutingReplay | None:
@@ -178,18 +204,23 @@ class GRPOTrainer:
     def train(self) -> dict:
         start = time.perf_counter()
         cfg = self.cfg
+        main = dist_mod.is_main()
         if cfg.resume:
-            self.state = load_checkpoint(find_checkpoint(self.run_dir), self.model,
+            path = find_checkpoint(self.run_dir) if main else None
+            dist_mod.barrier()  # rank 0 may have repaired a checkpoint interrupted mid-swap
+            self.state = load_checkpoint(path or self.run_dir / "checkpoint", self.model,
                                          self.optimizer, self.scheduler, device=self.device)
             self.stream.position = self.state["data_position"]
         if not self.state["sft_done"]:
             self._cold_start()
         if "before_grpo" not in self.state["eval"]:
             self.state["eval"]["before_grpo"] = self.evaluate()
-        print(f"held-out accuracy before GRPO: "
-              f"{self.state['eval']['before_grpo']['accuracy']:.3f}", flush=True)
+        if main:
+            print(f"held-out accuracy before GRPO: "
+                  f"{self.state['eval']['before_grpo']['accuracy']:.3f}", flush=True)
         logger = RunLogger(self.run_dir, cfg.steps, start_step=self.state["step"],
-                           tensorboard=cfg.tensorboard, show_progress=cfg.progress)
+                           tensorboard=cfg.tensorboard, show_progress=cfg.progress) if main \
+            else _SilentLogger()
         try:
             if cfg.beta > 0:
                 self.ref_model = self._reference_model()
@@ -206,7 +237,7 @@ class GRPOTrainer:
             after = self.evaluate()
             logger.message(f"held-out accuracy after GRPO: {after['accuracy']:.3f}")
             self._save_checkpoint()
-            save_model(self.model, self.tokenizer, self.run_dir / "final")
+            dist_mod.save_full_model(self.model, self.tokenizer, self.run_dir / "final")
             logger.plot()
         finally:
             logger.close()
@@ -219,8 +250,10 @@ class GRPOTrainer:
             "eval_size": len(self.eval_examples),
             "seconds": time.perf_counter() - start,
             "device": str(self.device),
+            "processes": self.world,
         }
-        _write_json(self.run_dir / "summary.json", summary)
+        if main:
+            _write_json(self.run_dir / "summary.json", summary)
         return summary
 
     def _cold_start(self) -> None:
@@ -237,25 +270,31 @@ class GRPOTrainer:
             else:
                 raise ValueError("--sft-steps with --data needs --sft-data (prompt and "
                                  "completion columns)")
+            # Data parallel under torchrun: each rank its own batches, FSDP averages gradients.
             loss = run_sft(self.model, self.tokenizer, pairs, steps=self.cfg.sft_steps,
                            lr=self.cfg.sft_learning_rate, batch_size=self.cfg.sft_batch_size,
-                           seed=self.cfg.seed, show_progress=self.cfg.progress)
-            print(f"cold start: {self.cfg.sft_steps} SFT steps, final loss {loss:.3f}",
-                  flush=True)
+                           seed=self.cfg.seed + self.rank,
+                           show_progress=self.cfg.progress and dist_mod.is_main())
+            if dist_mod.is_main():
+                print(f"cold start: {self.cfg.sft_steps} SFT steps, final loss {loss:.3f}",
+                      flush=True)
             # The reference of the RL stage is the cold-started policy: keep it on disk.
-            save_model(self.model, self.tokenizer, self.run_dir / "cold-start")
+            dist_mod.save_full_model(self.model, self.tokenizer, self.run_dir / "cold-start")
         self.state["sft_done"] = True
 
     def _reference_model(self):
         source = self.run_dir / "cold-start"
         if not (source / "config.json").is_file():
             source = Path(self.cfg.model) if self.cfg.model else self.run_dir / "init-model"
-        device = torch.device("cpu") if self.cfg.ref_on_cpu else self.device
+        device = torch.device("cpu") if self.cfg.ref_on_cpu and self.world == 1 else self.device
         ref, _ = load_model(source, dtype=self.dtype, device=device)
         ref.eval().requires_grad_(False)
+        if self.world > 1:  # sharded like the policy (ref_on_cpu does not apply)
+            dist_mod.shard_model(ref, compute_dtype=self.compute_dtype)
         return ref
 
     def _save_checkpoint(self) -> None:
+        # A collective under torchrun: every rank writes its shard.
         save_checkpoint(self.run_dir / "checkpoint", self.model, self.tokenizer,
                         self.optimizer, self.scheduler, copy.deepcopy(self.state))
 
@@ -276,20 +315,29 @@ class GRPOTrainer:
         loss_stats = {**self.accumulate_gradients(batch, loss_mask, old_logp, ref_logp),
                       **routing_stats}
         grad_norm = self._optimizer_step()
+        self.engine.sync_weights()  # engines with their own copy of the weights
         t3 = time.perf_counter()
         return self._step_metrics(batch, loss_stats, grad_norm, t3 - t0,
                                   {"generate": t1 - t0, "logprobs": t2 - t1, "update": t3 - t2})
 
     def sample_batch(self) -> Batch:
-        """Rollouts and advantages for prompts_per_step prompts; with dynamic sampling,
-        groups whose rewards are all equal are dropped and more prompts drawn."""
+        """Rollouts and advantages for prompts_per_step prompts (this rank's share under
+        torchrun); with dynamic sampling, groups whose rewards are all equal are dropped and
+        more prompts drawn."""
         cfg, g = self.cfg, self.cfg.num_generations
+        quota = cfg.prompts_per_step // self.world
         kept: list[tuple[dict, Rollout, torch.Tensor]] = []
         failures: dict[str, int] = {}
         rounds = groups = zero_std = 0
         while True:
-            need = cfg.prompts_per_step - len(kept)
-            examples = self.stream.next_batch(need)
+            # One global stream: every rank draws the same examples and takes its slice, and
+            # all ranks generate equally often (FSDP's collectives need every rank).
+            need = int(dist_mod.all_reduce(quota - len(kept), op="max"))
+            if need == 0 or (rounds and (not cfg.dynamic_sampling
+                                         or rounds >= cfg.max_sampling_rounds)):
+                break
+            drawn = self.stream.next_batch(need * self.world)
+            examples = drawn[self.rank * need:(self.rank + 1) * need]
             rollout = self.engine.generate([self._prompt(ex) for ex in examples], g)
             rewards, fails = self._score(examples, rollout)
             for name, n in fails.items():
@@ -299,24 +347,27 @@ class GRPOTrainer:
                 informative = bool((total[i] != total[i, 0]).any())
                 groups += 1
                 zero_std += not informative
-                if informative or not cfg.dynamic_sampling:
+                if (informative or not cfg.dynamic_sampling) and len(kept) < quota:
                     rows = slice(i * g, (i + 1) * g)
                     kept.append((ex, _rows(rollout, rows), rewards[rows]))
             rounds += 1
-            if len(kept) >= cfg.prompts_per_step or not cfg.dynamic_sampling \
-                    or rounds >= cfg.max_sampling_rounds:
-                break
         if not kept:  # dynamic sampling found no group with signal: train on the last draw
             kept = [(ex, _rows(rollout, slice(i * g, (i + 1) * g)), rewards[i * g:(i + 1) * g])
                     for i, ex in enumerate(examples)]
         examples = [k[0] for k in kept]
         rollout = _concat_rollouts([k[1] for k in kept], self.tokenizer.pad_token_id)
         rewards = torch.cat([k[2] for k in kept])
+        # Normalised over the whole batch of every rank: equal to one process's advantages
+        # also for scale_rewards="batch" (groups never straddle ranks).
+        all_rewards, offset = dist_mod.gather_rows(rewards)
         advantages, adv_stats = kernels.group_advantages(
-            rewards.to(self.device), g, weights=self.reward_weights.to(self.device),
+            all_rewards.to(self.device), g, weights=self.reward_weights.to(self.device),
             scale=cfg.scale_rewards)
+        advantages = advantages[offset:offset + rewards.shape[0]]
+        zero_std, groups = dist_mod.all_reduce(torch.tensor([zero_std, groups],
+                                                            dtype=torch.float64)).tolist()
         return Batch(examples, rollout, rewards, advantages, adv_stats, failures,
-                     zero_std / groups)
+                     zero_std / groups, all_rewards)
 
     def _score(self, examples: list[dict], rollout: Rollout) -> tuple[torch.Tensor, dict]:
         g = self.cfg.num_generations
@@ -357,7 +408,7 @@ class GRPOTrainer:
             self.replay.clear()
 
     def _reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
-        if not self.cfg.ref_on_cpu or self.device.type == "cpu":
+        if not self.cfg.ref_on_cpu or self.device.type == "cpu" or self.world > 1:
             return self._logprobs(self.ref_model, rollout)
         self.ref_model.to(self.device)  # on the accelerator only while it is used
         try:
@@ -396,15 +447,17 @@ class GRPOTrainer:
         was_training = model.training
         model.eval()
         parts = []
-        for rows in _micro_batches(len(rollout), self.cfg.micro_batch_size):
+        for rows, real in self._micro_batches(len(rollout)):
             ids, t = rollout.completion_ids[rows], self.cfg.temperature
             if self.fused:
                 states, weight = self._forward_logits(model, rollout, rows, hidden=True)
-                parts.append(kernels.token_logprobs_from_hidden(states, weight.to(states.device),
-                                                                ids, temperature=t))
+                logp = kernels.token_logprobs_from_hidden(states, weight.to(states.device), ids,
+                                                          temperature=t)
             else:
-                logits = self._forward_logits(model, rollout, rows)
-                parts.append(self.logprobs_fn(logits, ids, temperature=t))
+                logp = self.logprobs_fn(self._forward_logits(model, rollout, rows), ids,
+                                        temperature=t)
+            if real:
+                parts.append(logp)
             self._clear_replay()
         model.train(was_training)
         return torch.cat(parts)  # (N, C) fp32
@@ -415,14 +468,15 @@ class GRPOTrainer:
         that of the whole batch in one call (per-micro-batch weights, global num_items).
         Returns the loss and token-weighted means of the loss statistics."""
         cfg, rollout = self.cfg, batch.rollout
-        n = len(rollout)
-        # The dapo/bnpo/cispo normaliser: all tokens of the optimizer step, after all masks.
-        num_items = loss_mask.sum().clamp(min=1.0)
+        # Sequences and tokens of the whole optimizer step, every rank's: the dapo/bnpo/cispo
+        # normaliser counts tokens after all masks.
+        n = int(dist_mod.all_reduce(len(rollout)))
+        num_items = dist_mod.all_reduce(loss_mask.sum()).clamp(min=1.0)
         totals: dict[str, float] = {}
         tokens = 0.0
         self.model.train()
         for _ in range(cfg.num_iterations):
-            for rows in _micro_batches(n, cfg.micro_batch_size):
+            for rows, real in self._micro_batches(len(rollout)):
                 if self.fused:  # the lm_head inside the loss: no (mb, C, V) logits
                     states, weight = self._forward_logits(self.model, rollout, rows,
                                                           hidden=True)
@@ -448,19 +502,38 @@ class GRPOTrainer:
                 if cfg.router_aux_loss_coef > 0 and self._aux_loss is not None:
                     loss = loss + cfg.router_aux_loss_coef * self._aux_loss * \
                         ((rows.stop - rows.start) / n)
+                if self.world > 1:  # FSDP averages gradients over ranks; the loss is a sum
+                    loss = loss * (self.world if real else 0.0)
                 loss.backward()
                 self._clear_replay()  # kept until here: checkpointing recomputes in backward
+                if not real:
+                    continue
+                if self.world > 1:
+                    loss = loss / self.world
                 weight = float(loss_mask[rows].sum())
                 tokens += weight
                 totals["loss"] = totals.get("loss", 0.0) + loss.item() / cfg.num_iterations
                 for key, value in stats.items():
                     totals[key] = totals.get(key, 0.0) + float(value) * weight
+        if self.world > 1:
+            keys = sorted(totals)
+            summed = dist_mod.all_reduce(torch.tensor([totals[k] for k in keys] + [tokens],
+                                                      dtype=torch.float64)).tolist()
+            totals, tokens = dict(zip(keys, summed[:-1], strict=True)), summed[-1]
         return {k: (v if k == "loss" else v / max(tokens, 1.0)) for k, v in totals.items()}
+
+    def _micro_batches(self, n: int) -> list[tuple[slice, bool]]:
+        """(rows, real) of this rank's micro-batches, padded with zero-weight repeats of the
+        first up to the largest count of any rank: FSDP needs every rank in every forward."""
+        parts = _micro_batches(n, self.cfg.micro_batch_size)
+        count = int(dist_mod.all_reduce(len(parts), op="max"))
+        return [(rows, True) for rows in parts] + [(parts[0], False)] * (count - len(parts))
 
     def _optimizer_step(self) -> float:
         cfg = self.cfg
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        grad_norm = dist_mod.local_value(
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -468,15 +541,20 @@ class GRPOTrainer:
 
     def _step_metrics(self, batch: Batch, loss_stats: dict, grad_norm: float, seconds: float,
                       phases: dict) -> dict:
-        rollout, rewards = batch.rollout, batch.rewards
+        rollout, rewards = batch.rollout, batch.all_rewards  # every rank's rows
         total = reference.combine_rewards(rewards, self.reward_weights)
-        lengths = rollout.lengths.float()
+        lengths = dist_mod.gather_rows(rollout.lengths.float())[0]
+        truncated = dist_mod.gather_rows(rollout.truncated.float())[0]
+        failures: dict[str, int] = {}
+        for part in dist_mod.all_gather_objects(batch.failures):
+            for name, count in part.items():
+                failures[name] = failures.get(name, 0) + count
         metrics = {
             "reward": float(total.mean()), "reward_std": float(total.std()),
             "frac_zero_std": batch.frac_zero_std,
             "completion_length": float(lengths.mean()),
             "completion_length_max": float(lengths.max()),
-            "truncated": float(rollout.truncated.float().mean()),
+            "truncated": float(truncated.mean()),
             "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0],
             "tokens_per_s": float(lengths.sum()) / seconds,
             **{f"seconds_{k}": v for k, v in phases.items()},
@@ -491,7 +569,7 @@ class GRPOTrainer:
                 if (~column.isnan()).sum() > 1 else float("nan")
         acc = [n for n, _ in self.reward_fns if n in ("accuracy", "countdown")]
         metrics["accuracy"] = metrics[f"reward/{acc[0]}"] if acc else float("nan")
-        for name, count in batch.failures.items():
+        for name, count in failures.items():
             metrics[f"reward_failures/{name}"] = count
         return metrics
 
@@ -501,13 +579,22 @@ class GRPOTrainer:
     def evaluate(self, batch_size: int = 256) -> dict:
         """Greedy held-out accuracy and format rate."""
         check = rewards_mod.REWARDS[self.task.rewards[0] if self.task else "accuracy"]
+        # Under torchrun each rank answers every world-th prompt, in equally many batches.
+        mine = self.eval_examples[self.rank::self.world]
+        batches = -(-len(self.eval_examples[::self.world]) // batch_size)
         correct, formatted = [], []
-        for i in range(0, len(self.eval_examples), batch_size):
-            examples = self.eval_examples[i:i + batch_size]
+        for i in range(0, batches * batch_size, batch_size):
+            examples = mine[i:i + batch_size] or self.eval_examples[:1]  # a rank with none
             rollout = self.engine.generate([self._prompt(ex) for ex in examples], 1, greedy=True)
+            if not mine[i:i + batch_size]:
+                continue
             columns = {key: [ex.get(key) for ex in examples] for key in examples[0]}
             correct += check(rollout.texts, **columns)
             formatted += rewards_mod.REWARDS["format"](rollout.texts)
+        if self.world > 1:
+            sums = dist_mod.all_reduce(torch.tensor([sum(correct), sum(formatted), len(correct)],
+                                                    dtype=torch.float64)).tolist()
+            return {"accuracy": sums[0] / sums[2], "format": sums[1] / sums[2]}
         return {"accuracy": float(np.mean(correct)), "format": float(np.mean(formatted))}
 
 
@@ -566,6 +653,22 @@ def _concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         [t for r in parts for t in r.texts],
         routing,
     )
+
+
+class _SilentLogger:
+    """Ranks other than 0 log nothing."""
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+    def plot(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _write_json(path: Path, value: dict) -> None:

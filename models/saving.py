@@ -31,8 +31,12 @@ def save_model(
     path: str | Path,
     *,
     max_shard_size: int | str = "5GB",
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write model (config, generation config, safetensors shards) and tokenizer to path."""
+    """Write model (config, generation config, safetensors shards) and tokenizer to path.
+
+    state_dict: the tensors to write instead of model.state_dict() (e.g. the gathered full
+    state of a sharded model); same names."""
     path = Path(path)
     model_type = model.config.model_type
     check_family(model_type, type(model).__name__)
@@ -45,7 +49,7 @@ def save_model(
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _write_shards(model, tmp, limit)
+        _write_shards(model, tmp, limit, state_dict)
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -63,13 +67,15 @@ def _parse_size(size: int | str) -> int:
     return int(text)
 
 
-def _checkpoint_tensors(model: PreTrainedModel) -> Iterator[tuple[str, torch.Tensor]]:
+def _checkpoint_tensors(model: PreTrainedModel, state_dict: dict[str, torch.Tensor] | None = None
+                        ) -> Iterator[tuple[str, torch.Tensor]]:
     """(checkpoint name, tensor) for every saved tensor; experts split per expert. Views are
     yielded; the shard writer copies them to host memory one shard at a time."""
     model_type = model.config.model_type
     names = {name for name, _ in model.named_parameters()}  # tied duplicates removed
     names |= {name for name, _ in model.named_buffers()}
-    for name, tensor in model.state_dict().items():
+    state = model.state_dict() if state_dict is None else state_dict
+    for name, tensor in state.items():
         if name not in names:
             continue
         if not is_stacked_experts(name):
@@ -84,10 +90,11 @@ def _checkpoint_tensors(model: PreTrainedModel) -> Iterator[tuple[str, torch.Ten
                 yield expert_checkpoint_name(name, e, "up", model_type), tensor[e, inter:]
 
 
-def _write_shards(model: PreTrainedModel, directory: Path, limit: int) -> None:
+def _write_shards(model: PreTrainedModel, directory: Path, limit: int,
+                  state_dict: dict[str, torch.Tensor] | None = None) -> None:
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
     size = 0
-    for name, tensor in _checkpoint_tensors(model):
+    for name, tensor in _checkpoint_tensors(model, state_dict):
         nbytes = tensor.numel() * tensor.element_size()
         if shards[-1] and size + nbytes > limit:
             shards.append([])
