@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kernels.reference import IMPORTANCE_LEVELS, LOSS_TYPES, SCALES
+from kernels.reference import IMPORTANCE_LEVELS, LOSS_TYPES, SAMPLER_CORRECTIONS, SCALES
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -54,6 +54,18 @@ class GRPOConfig:
     dynamic_sampling: bool = _f(None, "DAPO: drop groups whose rewards are all equal and draw "
                                       "more prompts [off; on built-in]")
     max_sampling_rounds: int = _f(4, "with dynamic sampling: rounds of extra prompts per step")
+    rollout: str = _f("transformers", "rollout engine: transformers (generate) or vllm "
+                                      "(colocated, needs the vllm package and a GPU)",
+                      choices=("transformers", "vllm"))
+    sampler_correction: str = _f(None, "importance weights pi_old / pi_sampler on the advantages "
+                                       "for the sampler/trainer mismatch: none, token_truncate "
+                                       "(TIS), token_mask, sequence_truncate, sequence_mask "
+                                       "[token_truncate with vllm; none]",
+                                 choices=SAMPLER_CORRECTIONS)
+    sampler_correction_cap: float = _f(2.0, "cap of those importance weights")
+    vllm_gpu_memory_utilization: float = _f(0.3, "vllm: share of GPU memory for weights and "
+                                                 "KV cache (the trainer needs the rest)")
+    vllm_sleep: bool = _f(False, "vllm: release its KV cache while the trainer updates")
     # --- loss ---
     num_iterations: int = _f(1, "mu: optimisation passes over each batch")
     beta: float = _f(0.0, "KL coefficient (k3) to the frozen reference model")
@@ -123,6 +135,7 @@ class GRPOConfig:
             "micro_batch_size": 64 if tiny else 8,
             "sft_steps": 200 if tiny else 0,
             "sft_learning_rate": 3e-3 if tiny else 1e-5,
+            "sampler_correction": "token_truncate" if self.rollout == "vllm" else "none",
         }
         for name, value in defaults.items():
             if getattr(self, name) is None:
@@ -158,6 +171,9 @@ class GRPOConfig:
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.steps >= 0 and self.sft_steps >= 0, "steps and sft_steps must be >= 0"),
             (self.eval_size >= 1, "eval_size must be >= 1"),
+            (self.sampler_correction_cap > 0, "sampler_correction_cap must be > 0"),
+            (0 < self.vllm_gpu_memory_utilization < 1, "vllm_gpu_memory_utilization must be "
+                                                       "in (0, 1)"),
             (not self.reward_weights or not self.rewards
              or len(self.reward_weights) == len(self.rewards),
              f"reward_weights has {len(self.reward_weights)} values for "

@@ -118,7 +118,8 @@ def rollout_from_tokens(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.
                         *, max_completion_length: int) -> Rollout:
     """A Rollout from per-completion token lists (an engine's raw output, EOS included when
     the completion stopped on it). Rows of prompt_ids (N, P) pair with completions. The mask
-    comes from the lengths, so it is right even when pad == EOS."""
+    comes from the lengths, so it is right even when pad == EOS. A sampler log-prob may be NaN
+    where the engine did not report one (importance weights treat it as on-policy)."""
     n = len(completions)
     if prompt_ids.shape[0] != n:
         raise ValueError(f"{prompt_ids.shape[0]} prompt rows for {n} completions")
@@ -141,8 +142,9 @@ def rollout_from_tokens(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.
     texts = tokenizer.batch_decode([c[:-1] if c and c[-1] == eos else c for c in completions],
                                    skip_special_tokens=True)
     device = prompt_ids.device
+    logp = torch.where(mask.bool(), logp, 0.0)  # NaN (unknown) stays only on real tokens
     return Rollout(prompt_ids, prompt_mask, ids.to(device), mask.to(device), truncated.to(device),
-                   (logp * mask).to(device), texts)
+                   logp.to(device), texts)
 
 
 class TransformersEngine:

@@ -21,6 +21,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,11 +95,7 @@ class GRPOTrainer:
         weights += [1.0] * (len(self.reward_fns) - len(weights))
         self.reward_weights = torch.tensor(weights, dtype=torch.float32)
         self.replay = self._routing_replay()
-        self.engine = TransformersEngine(
-            self.model, self.tokenizer, max_prompt_length=self.cfg.max_prompt_length,
-            max_completion_length=self.cfg.max_completion_length,
-            temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-            overflow=self.cfg.prompt_overflow, replay=self.replay)
+        self.engine = self._rollout_engine()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.learning_rate,
                                            weight_decay=self.cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -170,7 +167,30 @@ class GRPOTrainer:
         if wanted and not is_moe:
             raise ValueError(f"--routing-replay needs an MoE model, got "
                              f"{self.model.config.model_type}")
+        if self.cfg.rollout == "vllm":
+            if wanted:
+                raise ValueError("--routing-replay needs --rollout transformers: vLLM does not "
+                                 "report the experts it used")
+            wanted = False
         return RoutingReplay(self.model) if is_moe and wanted is not False else None
+
+    def _rollout_engine(self):
+        cfg = self.cfg
+        common = dict(max_prompt_length=cfg.max_prompt_length,
+                      max_completion_length=cfg.max_completion_length,
+                      temperature=cfg.temperature, top_p=cfg.top_p,
+                      overflow=cfg.prompt_overflow)
+        if cfg.sampler_correction != "none" and cfg.top_p < 1 and cfg.rollout != "vllm":
+            warnings.warn("the transformers engine records log-probs after top_p; with "
+                          "top_p < 1 the sampler correction is biased", stacklevel=2)
+        if cfg.rollout == "vllm":
+            from .vllm_engine import VLLMEngine
+
+            path = cfg.model or str(self.run_dir / "init-model")
+            return VLLMEngine(self.model, self.tokenizer, path, seed=cfg.seed,
+                              gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                              sleep=cfg.vllm_sleep, **common)
+        return TransformersEngine(self.model, self.tokenizer, replay=self.replay, **common)
 
     def _load_data(self):
         if self.cfg.data:
@@ -308,12 +328,23 @@ class GRPOTrainer:
         loss_mask = rollout.completion_mask.float()
         if self.cfg.mask_truncated_completions:
             loss_mask = loss_mask * (~rollout.truncated).float()[:, None]
-        old_logp = self._logprobs(self.model, rollout) if self.cfg.num_iterations > 1 else None
+        correction = self.cfg.sampler_correction != "none"
+        old_logp = self._logprobs(self.model, rollout) \
+            if self.cfg.num_iterations > 1 or correction else None
         ref_logp = self._reference_logprobs(rollout) if self.cfg.beta > 0 else None
+        is_weights, extra = None, {}
+        if correction:  # pi_old / pi_sampler on the advantages
+            is_weights, is_stats = reference.sampler_importance_weights(
+                old_logp, rollout.sampler_logp.to(old_logp.device), loss_mask.to(old_logp.device),
+                mode=self.cfg.sampler_correction, cap=self.cfg.sampler_correction_cap)
+            extra = self._global_token_means(is_stats, loss_mask.sum())
+            if self.cfg.num_iterations == 1:
+                old_logp = None  # on-policy: the ratio is exactly 1, as without the correction
         t2 = time.perf_counter()
         routing_stats = self._routing_metrics(rollout) if self.replay is not None else {}
-        loss_stats = {**self.accumulate_gradients(batch, loss_mask, old_logp, ref_logp),
-                      **routing_stats}
+        loss_stats = {**self.accumulate_gradients(batch, loss_mask, old_logp, ref_logp,
+                                                  is_weights),
+                      **routing_stats, **extra}
         grad_norm = self._optimizer_step()
         self.engine.sync_weights()  # engines with their own copy of the weights
         t3 = time.perf_counter()
@@ -462,10 +493,18 @@ class GRPOTrainer:
         model.train(was_training)
         return torch.cat(parts)  # (N, C) fp32
 
+    def _global_token_means(self, means: dict, tokens: torch.Tensor) -> dict[str, float]:
+        """Token-weighted means over every rank of per-rank means."""
+        keys = sorted(means)
+        local = [float(means[k]) * float(tokens) for k in keys] + [float(tokens)]
+        summed = dist_mod.all_reduce(torch.tensor(local, dtype=torch.float64)).tolist()
+        return {k: v / max(summed[-1], 1.0) for k, v in zip(keys, summed[:-1], strict=True)}
+
     def accumulate_gradients(self, batch: Batch, loss_mask: torch.Tensor, old_logp,
-                             ref_logp) -> dict:
+                             ref_logp, is_weights: torch.Tensor | None = None) -> dict:
         """mu passes of forward+backward over micro-batches; the accumulated gradient is
         that of the whole batch in one call (per-micro-batch weights, global num_items).
+        is_weights (N, C): the sampler correction, multiplied into per-token advantages.
         Returns the loss and token-weighted means of the loss statistics."""
         cfg, rollout = self.cfg, batch.rollout
         # Sequences and tokens of the whole optimizer step, every rank's: the dapo/bnpo/cispo
@@ -485,7 +524,9 @@ class GRPOTrainer:
                     loss_fn = functools.partial(self.loss_fn,
                                                 self._forward_logits(self.model, rollout, rows))
                 loss, stats = loss_fn(
-                    rollout.completion_ids[rows], batch.advantages[rows],
+                    rollout.completion_ids[rows],
+                    batch.advantages[rows] if is_weights is None
+                    else batch.advantages[rows, None] * is_weights[rows],
                     loss_mask[rows], None if old_logp is None else old_logp[rows],
                     None if ref_logp is None else ref_logp[rows],
                     temperature=cfg.temperature, beta=cfg.beta, eps_low=cfg.eps_low,

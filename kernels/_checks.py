@@ -135,14 +135,25 @@ def check_loss_inputs(
     check_bt(mask, "mask", like)
     check_bt(old_logp, "old_logp", like)
     check_bt(ref_logp, "ref_logp", like)
-    if not isinstance(advantages, torch.Tensor) or tuple(advantages.shape) != (like.shape[0],):
+    batch, seq_len = like.shape[0], like.shape[1]
+    if not isinstance(advantages, torch.Tensor) or \
+            tuple(advantages.shape) not in ((batch,), (batch, seq_len)):
         shape = tuple(advantages.shape) if isinstance(advantages, torch.Tensor) else advantages
-        raise ValueError(f"advantages must have shape (B,) = ({like.shape[0]},), got {shape}")
+        raise ValueError(f"advantages must have shape (B,) = ({batch},) or (B, T) = "
+                         f"({batch}, {seq_len}), got {shape}")
     if advantages.device != like.device:
         raise ValueError(f"advantages are on {advantages.device} but the inputs on "
                          f"{like.device}")
     check_loss_options(ref_logp=ref_logp, **options)
     check_values(ids, vocab, {"advantages": advantages})
+
+
+def token_advantages(advantages: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
+    """(B,) per-sequence or (B, T) per-token advantages as one fp32 value per token (B*T,)."""
+    adv = advantages.float()
+    if adv.dim() == 1:
+        adv = adv[:, None]
+    return adv.expand(batch, seq_len).reshape(-1).contiguous()
 
 
 def check_rewards(

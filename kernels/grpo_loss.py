@@ -1,7 +1,8 @@
 """The GRPO loss with its gradient written in the forward pass.
 
 Shapes: logits (B, T, V) any float dtype with unit stride on V, logits[b, t] predicting
-ids[b, t] (B, T); advantages (B,); mask (B, T); old_logp, ref_logp (B, T) fp32.
+ids[b, t] (B, T); advantages (B,), or per token (B, T); mask (B, T); old_logp and ref_logp
+(B, T) fp32.
 Semantics: kernels/reference.py (grpo_per_token_loss, aggregation_weights).
 
 The loss is a weighted sum of per-token terms whose weights (mask, normaliser, advantage)
@@ -30,7 +31,13 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._checks import check_logits_ids, check_loss_inputs, row_config, use_triton
+from ._checks import (
+    check_logits_ids,
+    check_loss_inputs,
+    row_config,
+    token_advantages,
+    use_triton,
+)
 from .logprobs import (
     LOG2E,
     _logp_entropy_grad_sweep,
@@ -61,7 +68,7 @@ def _grpo_token_kernel(logits_ptr, grad_ptr, ids_ptr, adv_ptr, w_ptr, old_ptr, r
         idx = tl.load(ids_ptr + row)
         logp = (tl.load(row_ptr + idx).to(tl.float32) * scale - lse2) * 0.6931471805599453
         ent = (lse2 - tsum / s) * 0.6931471805599453
-        adv = tl.load(adv_ptr + b)
+        adv = tl.load(adv_ptr + row)
         if HAS_OLD:
             ratio = tl.exp(logp - tl.load(old_ptr + row))
         else:
@@ -143,7 +150,8 @@ def _token_level_fused(
     ref = ref_logp.float().reshape(-1).contiguous() if ref_logp is not None else w
     block, warps = row_config(vocab, dev)
     _grpo_token_kernel[(n_rows,)](
-        logits, grad, ids.reshape(-1).long().contiguous(), advantages.float().contiguous(), w,
+        logits, grad, ids.reshape(-1).long().contiguous(),
+        token_advantages(advantages, batch, seq_len), w,
         old, ref, per_token, logp, kl, ent, clip,
         seq_len, vocab, logits.stride(0), logits.stride(1), grad.stride(0), grad.stride(1),
         LOG2E / temperature, 1.0 / temperature, float(beta), float(eps_low), float(eps_high),
@@ -202,7 +210,8 @@ def grpo_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO loss (0-dim fp32, with gradient to logits) and stats (dict of 0-dim fp32).
 
-    logits (B, T, V) predict ids (B, T); advantages (B,); mask (B, T) of 0/1 (any dtype).
+    logits (B, T, V) predict ids (B, T); advantages (B,) or per token (B, T); mask (B, T) of
+    0/1 (any dtype).
     old_logp (B, T) or None for on-policy (ratio 1); ref_logp (B, T), needed when beta > 0.
     loss_type: grpo | bnpo | dr_grpo | dapo | cispo; importance_level: token | sequence.
     num_items: the dapo/bnpo/cispo normaliser (default: sum of this call's mask).

@@ -1,8 +1,8 @@
 """Log-probs and the GRPO loss straight from hidden states: the lm_head is fused in and the
 (B, T, V) logits never exist at once.
 
-Shapes: hidden (B, T, H); weight (V, H), the lm_head; ids (B, T); advantages (B,); mask,
-old_logp, ref_logp (B, T). Semantics: those of grpo_loss / token_logprobs on the logits
+Shapes: hidden (B, T, H); weight (V, H), the lm_head; ids (B, T); advantages (B,) or (B, T);
+mask, old_logp, ref_logp (B, T). Semantics: those of grpo_loss / token_logprobs on the logits
 hidden @ weight.T (kernels/reference.py).
 
 Tokens are processed in chunks of rows. Token level, per chunk: logits = h @ W^T (one GEMM),
@@ -19,7 +19,13 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._checks import check_logits_ids, check_loss_inputs, check_values, use_triton
+from ._checks import (
+    check_logits_ids,
+    check_loss_inputs,
+    check_values,
+    token_advantages,
+    use_triton,
+)
 from .grpo_loss import _per_token_from_logp, _token_level_fused
 from .logprobs import logprobs_backward, logprobs_forward
 
@@ -179,7 +185,7 @@ def linear_grpo_loss(
     def flat(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.reshape(n_rows, 1)
 
-    adv_tok = advantages.float()[:, None].expand(batch, seq_len).reshape(n_rows)
+    adv_tok = token_advantages(advantages, batch, seq_len)  # (N,)
     with torch.no_grad():
         if (need_h or need_w) and importance_level == "token":
             outs = []

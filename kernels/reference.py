@@ -24,6 +24,8 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
 IMPORTANCE_LEVELS = ("token", "sequence")
 SCALES = ("group", "batch", "none")
 STAT_NAMES = ("kl", "clip_low", "clip_high", "clip_region", "entropy", "logp_mean")
+SAMPLER_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate",
+                       "sequence_mask")
 
 
 def _log_softmax_and_entropy(
@@ -104,7 +106,9 @@ def grpo_per_token_loss(
     statistics: kl (B, T) and the boolean clip_low / clip_high (B, T).
     """
     m = mask.float()  # (B, T)
-    adv = advantages.float().unsqueeze(-1)  # (B, 1)
+    # (B, 1) one advantage per sequence, or (B, T) per token (e.g. scaled by an importance
+    # weight of the sampler): every use below broadcasts either way.
+    adv = advantages.float().unsqueeze(-1) if advantages.dim() == 1 else advantages.float()
     old = logp.detach() if old_logp is None else old_logp.float()
     log_ratio = logp - old  # (B, T)
 
@@ -178,8 +182,8 @@ def grpo_loss_ref(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO loss and its statistics; autograd gives d loss / d logits.
 
-    logits (B, T, V) with logits[b, t] predicting ids[b, t]; advantages (B,); mask (B, T);
-    old_logp, ref_logp (B, T). `inplace` is accepted for signature parity and ignored.
+    logits (B, T, V) with logits[b, t] predicting ids[b, t]; advantages (B,) or (B, T); mask
+    (B, T); old_logp, ref_logp (B, T). `inplace` is accepted for signature parity and ignored.
     Returns (loss 0-dim fp32, stats dict of 0-dim fp32 tensors named in STAT_NAMES).
     """
     del inplace
@@ -193,6 +197,45 @@ def grpo_loss_ref(
     weights = aggregation_weights(mask, loss_type, max_completion_length, num_items)
     loss = (per_token * weights).sum()
     return loss, grpo_stats(terms, logp, entropy, mask)
+
+
+def sampler_importance_weights(
+    trainer_logp: torch.Tensor,
+    sampler_logp: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    mode: str = "token_truncate",
+    cap: float = 2.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Importance weights (B, T) that correct for sampling from a slightly different policy
+    (an inference engine's kernels, precision or stale weights) than the trainer's old policy.
+
+    The per-token ratio is pi_old / pi_sampler = exp(trainer_logp - sampler_logp) (a NaN
+    sampler log-prob, one the engine did not report, counts as ratio 1). Modes:
+    - token_truncate (TIS): min(ratio, cap) per token;
+    - token_mask: the ratio, or 0 where it exceeds cap (the token leaves the loss);
+    - sequence_truncate / sequence_mask: the same with the sequence's ratio, the product of
+      its tokens' ratios, given to each of its tokens.
+    The weights multiply the advantages (the policy-gradient term, not the KL), as in TRL and
+    verl. Stats: is_ratio_mean (masked mean of the raw ratio), is_capped (share of tokens
+    truncated or masked).
+    """
+    if mode not in SAMPLER_CORRECTIONS or mode == "none":
+        raise ValueError(f"mode must be one of {SAMPLER_CORRECTIONS[1:]}, got {mode!r}")
+    if cap <= 0:
+        raise ValueError(f"cap must be > 0, got {cap}")
+    m = mask.float()
+    log_ratio = torch.nan_to_num(trainer_logp.float() - sampler_logp.float(), nan=0.0) * m
+    if mode.startswith("sequence"):
+        log_ratio = log_ratio.sum(-1, keepdim=True).expand_as(m)  # (B, T)
+    ratio = torch.exp(log_ratio)
+    over = ratio > cap
+    if mode.endswith("truncate"):
+        weights = torch.clamp(ratio, max=cap)
+    else:
+        weights = torch.where(over, torch.zeros_like(ratio), ratio)
+    stats = {"is_ratio_mean": masked_mean(ratio, m), "is_capped": masked_mean(over.float(), m)}
+    return weights * m, stats
 
 
 def combine_rewards(rewards: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:

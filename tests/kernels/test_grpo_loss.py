@@ -345,3 +345,27 @@ def test_cases_cover_every_option():
     assert len(pairs) == 8
     assert len(list(itertools.product(LOSS_TYPES, (0.0, 0.04)))) == len(
         {(c["loss_type"], c["beta"]) for c in cases})
+
+
+@pytest.mark.parametrize("loss_type,level", [("dapo", "token"), ("cispo", "token"),
+                                             ("grpo", "sequence")])
+def test_per_token_advantages(loss_type, level, device):
+    """(B, T) advantages, e.g. scaled by a truncated importance weight of the sampler: the
+    kernel against the reference, and a row-constant (B, T) equal to the (B,) form."""
+    inp = make_inputs(device, 1000, torch.float32, False)
+    gen = torch.Generator().manual_seed(3)
+    weight = (0.5 + 1.5 * torch.rand(B, T, generator=gen)).to(device)  # positive, varied
+    per_token = dict(inp, adv=inp["adv"][:, None] * weight)
+    opts = dict(loss_type=loss_type, importance_level=level, beta=0.04)
+    loss, stats, grad = _run(grpo_loss, inp["logits"], per_token, opts, inp["old"])
+    gold, gold_stats, gold_grad = _run(grpo_loss_ref, inp["logits"], per_token, opts, inp["old"])
+    assert_close(loss, gold, "loss")
+    assert_close(grad, gold_grad, "grad", rtol=1e-4, atol=1e-6)
+    for k in STAT_NAMES:
+        assert_close(stats[k], gold_stats[k], f"stat {k}")
+    plain, _, plain_grad = _run(grpo_loss, inp["logits"], inp, opts, inp["old"])
+    assert not torch.allclose(grad, plain_grad)  # the weights reached the gradient
+    expanded = dict(inp, adv=inp["adv"][:, None].expand(B, T))
+    same, _, same_grad = _run(grpo_loss, inp["logits"], expanded, opts, inp["old"])
+    assert_close(same, plain, "loss")
+    assert_close(same_grad, plain_grad, "grad", rtol=1e-6, atol=1e-8)

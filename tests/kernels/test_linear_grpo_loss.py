@@ -77,6 +77,19 @@ def test_logits_fp32_and_grad_scaling(device):
     assert_close(h.grad, 2.0 * gold[2], "scaled d hidden", rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_per_token_advantages(device, level):
+    hidden, weight, ids, adv, mask, old, ref = make_inputs(device, torch.float32)
+    gen = torch.Generator().manual_seed(5)
+    adv_bt = adv[:, None] * (0.5 + 1.5 * torch.rand(B, T, generator=gen)).to(device)
+    kw = dict(beta=0.04, importance_level=level, loss_type="grpo")
+    ours = _run(linear_grpo_loss, hidden, weight, ids, adv_bt, mask, old, ref, chunk_size=4, **kw)
+    gold = _run(_materialised, hidden, weight, ids, adv_bt, mask, old, ref, **kw)
+    assert_close(ours[0], gold[0], "loss")
+    assert_close(ours[2], gold[2], "d hidden", rtol=1e-4, atol=1e-6)
+    assert_close(ours[3], gold[3], "d weight", rtol=1e-4, atol=1e-6)
+
+
 def test_token_logprobs_from_hidden(device):
     hidden, weight, ids, *_ = make_inputs(device, torch.float32)
     logp, ent = token_logprobs_from_hidden(hidden, weight, ids, temperature=0.7,

@@ -1,0 +1,150 @@
+"""Rollouts with vLLM, colocated with the trainer on the same GPU(s): `--rollout vllm`.
+
+vLLM keeps its own copy of the weights in its own layout. After every optimizer step the
+trainer calls `sync_weights()`, which only marks that copy stale; the next `generate()`
+streams the policy's parameters (HF names, gathered one at a time from FSDP shards) into
+vLLM's model with its `load_weights`, and drops the prefix cache that the old weights
+filled. The engine runs in the trainer's process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so
+the weights move GPU to GPU without serialisation; under torchrun every rank holds a
+tensor-parallel-1 engine on its own GPU (`distributed_executor_backend="external_launcher"`).
+
+vLLM returns the log-prob of each sampled token under the distribution it sampled from
+(`logprobs_mode="processed_logprobs"`: after temperature and top_p), which is what the
+sampler correction (kernels.reference.sampler_importance_weights) compares with the trainer's.
+Token ids go in and come out as ids (`skip_tokenizer_init`): our tokenizer decodes, so
+prompts and completions are tokenised exactly as the trainer sees them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import torch
+
+from .rollout import Rollout, rollout_from_tokens, tokenize_prompts
+
+
+def _require_vllm():
+    try:
+        import vllm
+    except ImportError as e:
+        raise ValueError("--rollout vllm needs the vllm package (pip install -e '.[vllm]') "
+                         "and a CUDA GPU") from e
+    return vllm
+
+
+class VLLMEngine:
+    """The Engine interface (grpo.rollout.Engine) on a colocated vllm.LLM."""
+
+    def __init__(self, model, tokenizer, model_path: str, *, max_prompt_length: int,
+                 max_completion_length: int, temperature: float = 1.0, top_p: float = 1.0,
+                 overflow: str = "truncate", gpu_memory_utilization: float = 0.3,
+                 sleep: bool = False, seed: int = 0, llm=None):
+        if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer needs a pad token and an EOS token for rollouts")
+        vllm = _require_vllm()
+        self.vllm = vllm
+        self.model, self.tokenizer = model, tokenizer
+        self.max_prompt_length, self.max_completion_length = max_prompt_length, \
+            max_completion_length
+        self.temperature, self.top_p, self.overflow = temperature, top_p, overflow
+        self.sleep = sleep
+        if llm is None:
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in our process
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            extra = {"distributed_executor_backend": "external_launcher"} if distributed else {}
+            dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+            llm = vllm.LLM(
+                model=str(model_path), skip_tokenizer_init=True,
+                dtype="bfloat16" if dtype == torch.float32 else str(dtype).removeprefix("torch."),
+                gpu_memory_utilization=gpu_memory_utilization,
+                max_model_len=max_prompt_length + max_completion_length,
+                logprobs_mode="processed_logprobs", enable_sleep_mode=sleep,
+                seed=seed + (torch.distributed.get_rank() if distributed else 0), **extra)
+        self.llm = llm
+        self.stale = True  # the cold start (or a resume) changed the weights since loading
+        self.asleep = False
+
+    # --- weights ----------------------------------------------------------------------
+
+    def sync_weights(self) -> None:
+        """The policy changed: push its weights before the next generation."""
+        self.stale = True
+
+    def _policy_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, full tensor) of every parameter and buffer vLLM loads; sharded (FSDP)
+        parameters are gathered one at a time, by every rank in the same order."""
+        names = {name for name, _ in self.model.named_parameters()}
+        for name, tensor in self.model.state_dict().items():
+            if name not in names:
+                continue  # tied duplicates and buffers vLLM computes itself
+            full = getattr(tensor, "full_tensor", None)
+            yield name, (full() if full is not None else tensor).detach()
+
+    def _push_weights(self) -> None:
+        weights = self._policy_weights()
+        driver = getattr(getattr(self.llm.llm_engine, "model_executor", None), "driver_worker",
+                         None)
+        runner = getattr(getattr(driver, "worker", driver), "model_runner", None)
+        target = getattr(runner, "model", None)
+        if target is not None:  # in process: hand over the tensors themselves
+            target.load_weights(weights)
+        else:
+            materialised = list(weights)
+            self.llm.collective_rpc(lambda worker: worker.model_runner.model.load_weights(
+                materialised))
+        self.llm.reset_prefix_cache()
+        self.stale = False
+
+    # --- generation -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], num_generations: int, *,
+                 greedy: bool = False) -> Rollout:
+        """As TransformersEngine.generate: rows [i*G, (i+1)*G) belong to prompts[i]."""
+        device = next(self.model.parameters()).device
+        ids, mask = tokenize_prompts(self.tokenizer, prompts, self.max_prompt_length,
+                                     self.overflow, device)
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+        if self.stale:
+            self._push_weights()
+        g = 1 if greedy else num_generations
+        params = self.vllm.SamplingParams(
+            n=g, temperature=0.0 if greedy else self.temperature,
+            top_p=1.0 if greedy else self.top_p, max_tokens=self.max_completion_length,
+            logprobs=0, stop_token_ids=[self.tokenizer.eos_token_id], detokenize=False)
+        requests = [{"prompt_token_ids": row[m.bool()].tolist()} for row, m in zip(ids, mask,
+                                                                                   strict=True)]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        if self.sleep:
+            self.llm.sleep(level=1)  # free the KV cache for the update
+            self.asleep = True
+        eos = self.tokenizer.eos_token_id
+        completions, logps = [], []
+        for request in outputs:
+            if len(request.outputs) != g:
+                raise RuntimeError(f"vllm returned {len(request.outputs)} completions, not {g}")
+            for out in sorted(request.outputs, key=lambda o: o.index):
+                tokens = list(out.token_ids)
+                logp = [_sampled_logprob(step, tok) for step, tok in
+                        zip(out.logprobs or [None] * len(tokens), tokens, strict=True)]
+                if out.finish_reason == "stop" and (not tokens or tokens[-1] != eos) \
+                        and len(tokens) < self.max_completion_length:
+                    tokens.append(eos)  # stopped on EOS without returning it
+                    logp.append(float("nan"))  # unknown: the correction treats it as 1
+                completions.append(tokens)
+                logps.append(logp)
+        return rollout_from_tokens(self.tokenizer, ids.repeat_interleave(g, 0),
+                                   mask.repeat_interleave(g, 0), completions, logps,
+                                   max_completion_length=self.max_completion_length)
+
+
+def _sampled_logprob(step, token: int) -> float:
+    """The log-prob vLLM reports for the sampled token at one position (NaN if none)."""
+    if step is None or token not in step:
+        return float("nan")
+    entry = step[token]
+    return float(getattr(entry, "logprob", entry))
