@@ -21,12 +21,13 @@ def main(argv: list[str] | None = None) -> int:
         config = parse_config(argv)
         trainer = GRPOTrainer(config)  # joins torchrun's process group, if any
         summary = trainer.train()
+        main_process = distributed.is_main()
     except (ValueError, RewardError) as e:  # bad input: a message, not a traceback
         print(f"grpo-train: error: {e}", file=sys.stderr)
         return 2
     finally:
         distributed.shutdown()
-    if distributed.rank() == 0:
+    if main_process:
         print(json.dumps(summary, indent=2))
         print(f"run directory: {trainer.run_dir}")
     return 0
