@@ -51,6 +51,14 @@ class GRPOConfig:
     temperature: float = _f(None, "sampling temperature (also used in the loss) [1.0; 0.7 "
                                   "built-in]")
     top_p: float = _f(1.0, "nucleus sampling")
+    generation_cache: str = _f(None, "rollout KV cache: dynamic, or static (preallocated; "
+                                     "lets the decoding forward be compiled) [static on GPU, "
+                                     "dynamic on CPU]", choices=("dynamic", "static"))
+    compile_generation: bool = _f(None, "torch.compile the decoding forward (CUDA graphs on a "
+                                        "GPU; needs the static cache) [on on GPU unless "
+                                        "routing replay records]")
+    ignore_eos: bool = _f(False, "never sample EOS: every completion is max_completion_length "
+                                 "tokens long (benchmarks)")
     dynamic_sampling: bool = _f(None, "DAPO: drop groups whose rewards are all equal and draw "
                                       "more prompts [off; on built-in]")
     max_sampling_rounds: int = _f(4, "with dynamic sampling: rounds of extra prompts per step")
@@ -156,6 +164,10 @@ class GRPOConfig:
             (self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
             (self.temperature > 0, "temperature must be > 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.generation_cache in (None, "dynamic", "static"),
+             f"generation_cache must be dynamic or static, got {self.generation_cache!r}"),
+            (not (self.compile_generation and self.generation_cache == "dynamic"),
+             "compile_generation needs generation_cache=static"),
             (self.steps >= 0 and self.sft_steps >= 0, "steps and sft_steps must be >= 0"),
             (self.eval_size >= 1, "eval_size must be >= 1"),
             (not self.reward_weights or not self.rewards

@@ -5,6 +5,12 @@ completion ids, the completion mask (every token up to and including the first E
 which completions were truncated (no EOS within max_completion_length), the sampler's
 per-token log-probs and the decoded completion texts. The first engine uses transformers'
 `generate` with its KV cache, all G samples of all prompts in one batch.
+
+Speed on a GPU comes from the decoding loop: one token per forward at batch N is bound by
+reading the weights and by Python/launch overhead, not by FLOPs. A static (preallocated) KV
+cache gives every decoding step the same shapes, which lets transformers compile the decoding
+forward and replay it as CUDA graphs; the default does both on CUDA for dense models and
+keeps the plain dynamic cache on the CPU, whose numerics the demo depends on.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import (
+    CompileConfig,
     LogitsProcessor,
     LogitsProcessorList,
     TemperatureLogitsWarper,
@@ -43,20 +50,25 @@ class Rollout:
 
 class _SampledLogp(LogitsProcessor):
     """Records log p(token) of each sampled token under the final (warped) scores: it runs
-    last, keeps one step's log-softmax and reads the chosen token at the next call."""
+    last, keeps one step's scores and their logsumexp, and reads the chosen token at the next
+    call. Only the (N,) logsumexp is computed per step: a full log-softmax would write an
+    (N, V) fp32 tensor every token (78 MB at N=128, V=151936) to read N values of it."""
 
     def __init__(self) -> None:
-        self.prev: torch.Tensor | None = None
+        self.prev: tuple[torch.Tensor, torch.Tensor] | None = None
         self.logps: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         self.take(input_ids[:, -1])
-        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        # generate() hands each step a fresh tensor and only reads it after this call, so a
+        # reference (no copy) stays valid until the next step.
+        self.prev = (scores, torch.logsumexp(scores.float(), dim=-1))
         return scores
 
     def take(self, tokens: torch.Tensor) -> None:
         if self.prev is not None:
-            self.logps.append(self.prev.gather(-1, tokens[:, None]).squeeze(-1))
+            scores, lse = self.prev
+            self.logps.append(scores.gather(-1, tokens[:, None]).squeeze(-1).float() - lse)
             self.prev = None
 
 
@@ -96,12 +108,29 @@ def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> tuple[torch.Te
     return mask, ~has_eos
 
 
+CACHES = ("dynamic", "static")
+
+
 class TransformersEngine:
-    """Sampling with transformers' generate (KV cache), G samples per prompt in one batch."""
+    """Sampling with transformers' generate (KV cache), G samples per prompt in one batch.
+
+    cache: "dynamic" (grows token by token) or "static" (preallocated for the prompt plus
+    max_completion_length, rounded up so that successive steps share one shape); None picks
+    static on CUDA and dynamic elsewhere. compile: torch.compile the decoding forward
+    (transformers' CompileConfig, CUDA graphs on a GPU); needs the static cache; None turns it
+    on for CUDA when no routing replay is recorded (its router hooks write Python lists
+    during the forward, which a captured graph would skip). ignore_eos: EOS is never
+    sampled, so every completion has max_completion_length tokens (benchmarks).
+    """
+
+    # Static cache lengths are rounded up to a multiple of this: prompts of slightly different
+    # lengths then reuse one compiled graph instead of recompiling.
+    CACHE_BUCKET = 128
 
     def __init__(self, model, tokenizer, *, max_prompt_length: int, max_completion_length: int,
                  temperature: float = 1.0, top_p: float = 1.0, overflow: str = "truncate",
-                 replay=None):
+                 replay=None, cache: str | None = "dynamic", compile: bool | None = False,
+                 ignore_eos: bool = False):
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer needs a pad token and an EOS token for rollouts")
         self.model, self.tokenizer = model, tokenizer
@@ -109,6 +138,36 @@ class TransformersEngine:
             max_completion_length
         self.temperature, self.top_p, self.overflow = temperature, top_p, overflow
         self.replay = replay  # models.RoutingReplay: record the experts while sampling
+        on_cuda = next(model.parameters()).device.type == "cuda"
+        self.cache = cache if cache is not None else ("static" if on_cuda else "dynamic")
+        if self.cache not in CACHES:
+            raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
+        self.compile = compile if compile is not None else \
+            (on_cuda and self.cache == "static" and replay is None)
+        if self.compile and self.cache != "static":
+            raise ValueError("compiled decoding needs the static KV cache (cache='static')")
+        self.ignore_eos = ignore_eos
+
+    def _generate_kwargs(self, prompt_length: int) -> dict:
+        """generate() arguments for the cache, compilation and EOS options."""
+        kwargs: dict = {}
+        if self.ignore_eos:
+            # EOS gets -inf until max_new_tokens: every row runs to the full length.
+            kwargs["min_new_tokens"] = self.max_completion_length
+        if self.cache == "static":
+            need = prompt_length + self.max_completion_length
+            kwargs["cache_implementation"] = "static"
+            kwargs["max_cache_len"] = -(-need // self.CACHE_BUCKET) * self.CACHE_BUCKET
+        if self.compile:
+            config = CompileConfig(fullgraph=False, dynamic=False)
+            # transformers compiles automatically on CUDA only; asked for explicitly, compile
+            # on any device (on a CPU this is for tests, not speed).
+            config._compile_all_devices = True
+            kwargs["compile_config"] = config
+        else:
+            # With a static cache, transformers would compile on CUDA on its own.
+            kwargs["disable_compile"] = True
+        return kwargs
 
     @torch.no_grad()
     def generate(self, prompts: list[str], num_generations: int, *,
@@ -137,6 +196,7 @@ class TransformersEngine:
                     temperature=1.0, top_p=1.0, top_k=None,  # the warpers above, in order
                     pad_token_id=self.tokenizer.pad_token_id,
                     eos_token_id=self.tokenizer.eos_token_id, use_cache=True,
+                    **self._generate_kwargs(ids.shape[1]),
                 )
         finally:
             self.model.train(was_training)

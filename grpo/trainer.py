@@ -83,7 +83,9 @@ class GRPOTrainer:
             self.model, self.tokenizer, max_prompt_length=self.cfg.max_prompt_length,
             max_completion_length=self.cfg.max_completion_length,
             temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-            overflow=self.cfg.prompt_overflow, replay=self.replay)
+            overflow=self.cfg.prompt_overflow, replay=self.replay,
+            cache=self.cfg.generation_cache, compile=self.cfg.compile_generation,
+            ignore_eos=self.cfg.ignore_eos)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.learning_rate,
                                            weight_decay=self.cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
