@@ -57,7 +57,7 @@ def _teacher_forced_logp_matches(tiny, r, tol: float) -> None:
 
 
 def test_sampler_logp_is_the_log_softmax_of_the_warped_scores(tiny):
-    """The recorder's logsumexp form gives log p(token) under the sampling distribution."""
+    """The recorder gives log p(token) under the sampling (temperature-warped) distribution."""
     _, r = _rollout(tiny, False)
     _teacher_forced_logp_matches(tiny, r, 1e-4)
 
