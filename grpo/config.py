@@ -55,8 +55,8 @@ class GRPOConfig:
                                      "lets the decoding forward be compiled) [static on GPU, "
                                      "dynamic on CPU]", choices=("dynamic", "static"))
     compile_generation: bool = _f(None, "torch.compile the decoding forward (CUDA graphs on a "
-                                        "GPU; needs the static cache) [on on GPU unless "
-                                        "routing replay records]")
+                                        "GPU; needs the static cache) [on on GPU with SDPA "
+                                        "attention unless routing replay records]")
     ignore_eos: bool = _f(False, "never sample EOS: every completion is max_completion_length "
                                  "tokens long (benchmarks)")
     dynamic_sampling: bool = _f(None, "DAPO: drop groups whose rewards are all equal and draw "

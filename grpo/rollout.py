@@ -118,8 +118,8 @@ class TransformersEngine:
     max_completion_length, rounded up so that successive steps share one shape); None picks
     static on CUDA and dynamic elsewhere. compile: torch.compile the decoding forward
     (transformers' CompileConfig, CUDA graphs on a GPU); needs the static cache; None turns it
-    on for CUDA when no routing replay is recorded (its router hooks write Python lists
-    during the forward, which a captured graph would skip). ignore_eos: EOS is never
+    on for CUDA with SDPA attention when no routing replay is recorded (its router hooks write
+    Python lists during the forward, which a captured graph would skip). ignore_eos: EOS is never
     sampled, so every completion has max_completion_length tokens (benchmarks).
     """
 
@@ -142,8 +142,12 @@ class TransformersEngine:
         self.cache = cache if cache is not None else ("static" if on_cuda else "dynamic")
         if self.cache not in CACHES:
             raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
+        # Automatic only with SDPA/eager attention: the combination transformers documents
+        # for compiled static-cache decoding (flash-attn kernels are opaque to the compiler).
+        plain_attention = getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa",
+                                                                                    "eager")
         self.compile = compile if compile is not None else \
-            (on_cuda and self.cache == "static" and replay is None)
+            (on_cuda and self.cache == "static" and replay is None and plain_attention)
         if self.compile and self.cache != "static":
             raise ValueError("compiled decoding needs the static KV cache (cache='static')")
         self.ignore_eos = ignore_eos
