@@ -51,6 +51,14 @@ class GRPOConfig:
     temperature: float = _f(None, "sampling temperature (also used in the loss) [1.0; 0.7 "
                                   "built-in]")
     top_p: float = _f(1.0, "nucleus sampling")
+    generation_cache: str = _f(None, "rollout KV cache: dynamic, or static (preallocated; "
+                                     "lets the decoding forward be compiled) [static on GPU, "
+                                     "dynamic on CPU]", choices=("dynamic", "static"))
+    compile_generation: bool = _f(None, "torch.compile the decoding forward (CUDA graphs on a "
+                                        "GPU; needs the static cache) [on on GPU with SDPA "
+                                        "attention unless routing replay records]")
+    ignore_eos: bool = _f(False, "never sample EOS: every completion is max_completion_length "
+                                 "tokens long (benchmarks)")
     dynamic_sampling: bool = _f(None, "DAPO: drop groups whose rewards are all equal and draw "
                                       "more prompts [off; on built-in]")
     max_sampling_rounds: int = _f(4, "with dynamic sampling: rounds of extra prompts per step")
@@ -67,7 +75,7 @@ class GRPOConfig:
                                                  "KV cache (the trainer needs the rest)")
     vllm_sleep: bool = _f(False, "vllm: release its KV cache while the trainer updates")
     # --- loss ---
-    num_iterations: int = _f(1, "mu: optimisation passes over each batch")
+    num_iterations: int = _f(1, "mu: optimizer steps on each batch (GRPO's inner iterations)")
     beta: float = _f(0.0, "KL coefficient (k3) to the frozen reference model")
     eps_low: float = _f(0.2, "lower clip range of the ratio")
     eps_high: float = _f(0.2, "upper clip range (cispo: the cap of the ratio)")
@@ -169,6 +177,10 @@ class GRPOConfig:
             (self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
             (self.temperature > 0, "temperature must be > 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.generation_cache in (None, "dynamic", "static"),
+             f"generation_cache must be dynamic or static, got {self.generation_cache!r}"),
+            (not (self.compile_generation and self.generation_cache == "dynamic"),
+             "compile_generation needs generation_cache=static"),
             (self.steps >= 0 and self.sft_steps >= 0, "steps and sft_steps must be >= 0"),
             (self.eval_size >= 1, "eval_size must be >= 1"),
             (self.sampler_correction_cap > 0, "sampler_correction_cap must be > 0"),

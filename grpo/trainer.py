@@ -1,10 +1,10 @@
 """The GRPO training loop (DeepSeek-R1-Zero), readable top to bottom.
 
-One optimizer step:
+One GRPO step:
     prompts -> G completions each (rollout) -> rewards -> group_advantages
     -> old-policy log-probs (only when mu > 1) and reference log-probs (only when beta > 0)
-    -> mu passes over micro-batches with grpo_loss (gradient accumulation)
-    -> clip, optimizer step -> metrics, eval, checkpoint.
+    -> mu times: a pass over micro-batches with grpo_loss (gradient accumulation), clip,
+       optimizer step -> metrics, eval, checkpoint.
 Around it: the cold start (supervised warm-up on worked solutions), held-out evaluation
 before and after GRPO, and the run directory (config, metrics, curves, summary, final/).
 Under torchrun every rank runs this loop on its own prompts with the policy sharded by FSDP2;
@@ -179,7 +179,7 @@ class GRPOTrainer:
         common = dict(max_prompt_length=cfg.max_prompt_length,
                       max_completion_length=cfg.max_completion_length,
                       temperature=cfg.temperature, top_p=cfg.top_p,
-                      overflow=cfg.prompt_overflow)
+                      overflow=cfg.prompt_overflow, ignore_eos=cfg.ignore_eos)
         if cfg.sampler_correction != "none" and cfg.top_p < 1 and cfg.rollout != "vllm":
             warnings.warn("the transformers engine records log-probs after top_p; with "
                           "top_p < 1 the sampler correction is biased", stacklevel=2)
@@ -190,7 +190,9 @@ class GRPOTrainer:
             return VLLMEngine(self.model, self.tokenizer, path, seed=cfg.seed,
                               gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                               sleep=cfg.vllm_sleep, **common)
-        return TransformersEngine(self.model, self.tokenizer, replay=self.replay, **common)
+        return TransformersEngine(self.model, self.tokenizer, replay=self.replay,
+                                  cache=cfg.generation_cache, compile=cfg.compile_generation,
+                                  **common)
 
     def _load_data(self):
         if self.cfg.data:
@@ -342,11 +344,19 @@ class GRPOTrainer:
                 old_logp = None  # on-policy: the ratio is exactly 1, as without the correction
         t2 = time.perf_counter()
         routing_stats = self._routing_metrics(rollout) if self.replay is not None else {}
-        loss_stats = {**self.accumulate_gradients(batch, loss_mask, old_logp, ref_logp,
-                                                  is_weights),
-                      **routing_stats, **extra}
-        grad_norm = self._optimizer_step()
+        # mu optimizer steps on the same batch (GRPO's inner iterations): from the second on,
+        # the policy has moved away from the one that sampled, and the ratio and its clipping
+        # come into play.
+        passes = []
+        for _ in range(self.cfg.num_iterations):
+            stats = self.accumulate_gradients(batch, loss_mask, old_logp, ref_logp, is_weights)
+            stats["grad_norm"] = self._optimizer_step()
+            passes.append(stats)
+        self.scheduler.step()  # one scheduler step per GRPO step, whatever mu
         self.engine.sync_weights()  # engines with their own copy of the weights
+        loss_stats = {key: sum(p[key] for p in passes) / len(passes) for key in passes[0]}
+        grad_norm = loss_stats.pop("grad_norm")
+        loss_stats.update(routing_stats, **extra)
         t3 = time.perf_counter()
         return self._step_metrics(batch, loss_stats, grad_norm, t3 - t0,
                                   {"generate": t1 - t0, "logprobs": t2 - t1, "update": t3 - t2})
@@ -502,8 +512,8 @@ class GRPOTrainer:
 
     def accumulate_gradients(self, batch: Batch, loss_mask: torch.Tensor, old_logp,
                              ref_logp, is_weights: torch.Tensor | None = None) -> dict:
-        """mu passes of forward+backward over micro-batches; the accumulated gradient is
-        that of the whole batch in one call (per-micro-batch weights, global num_items).
+        """One pass of forward+backward over micro-batches; the accumulated gradient is that
+        of the whole batch in one call (per-micro-batch weights, global num_items).
         is_weights (N, C): the sampler correction, multiplied into per-token advantages.
         Returns the loss and token-weighted means of the loss statistics."""
         cfg, rollout = self.cfg, batch.rollout
@@ -514,48 +524,47 @@ class GRPOTrainer:
         totals: dict[str, float] = {}
         tokens = 0.0
         self.model.train()
-        for _ in range(cfg.num_iterations):
-            for rows, real in self._micro_batches(len(rollout)):
-                if self.fused:  # the lm_head inside the loss: no (mb, C, V) logits
-                    states, weight = self._forward_logits(self.model, rollout, rows,
-                                                          hidden=True)
-                    loss_fn = functools.partial(kernels.linear_grpo_loss, states, weight)
-                else:
-                    loss_fn = functools.partial(self.loss_fn,
-                                                self._forward_logits(self.model, rollout, rows))
-                loss, stats = loss_fn(
-                    rollout.completion_ids[rows],
-                    batch.advantages[rows] if is_weights is None
-                    else batch.advantages[rows, None] * is_weights[rows],
-                    loss_mask[rows], None if old_logp is None else old_logp[rows],
-                    None if ref_logp is None else ref_logp[rows],
-                    temperature=cfg.temperature, beta=cfg.beta, eps_low=cfg.eps_low,
-                    eps_high=cfg.eps_high, delta=cfg.delta, loss_type=cfg.loss_type,
-                    importance_level=cfg.importance_level,
-                    max_completion_length=cfg.max_completion_length, num_items=num_items,
-                    entropy_coef=cfg.entropy_coef,
-                    # The lm_head's backward does not need its output: on the GPU the
-                    # gradient overwrites the logits instead of doubling their memory.
-                    inplace=self.device.type == "cuda")
-                if cfg.loss_type in ("grpo", "dr_grpo"):
-                    # These average over the micro-batch's sequences: weight by its share.
-                    loss = loss * ((rows.stop - rows.start) / n)
-                if cfg.router_aux_loss_coef > 0 and self._aux_loss is not None:
-                    loss = loss + cfg.router_aux_loss_coef * self._aux_loss * \
-                        ((rows.stop - rows.start) / n)
-                if self.world > 1:  # FSDP averages gradients over ranks; the loss is a sum
-                    loss = loss * (self.world if real else 0.0)
-                loss.backward()
-                self._clear_replay()  # kept until here: checkpointing recomputes in backward
-                if not real:
-                    continue
-                if self.world > 1:
-                    loss = loss / self.world
-                weight = float(loss_mask[rows].sum())
-                tokens += weight
-                totals["loss"] = totals.get("loss", 0.0) + loss.item() / cfg.num_iterations
-                for key, value in stats.items():
-                    totals[key] = totals.get(key, 0.0) + float(value) * weight
+        for rows, real in self._micro_batches(len(rollout)):
+            if self.fused:  # the lm_head inside the loss: no (mb, C, V) logits
+                states, weight = self._forward_logits(self.model, rollout, rows,
+                                                      hidden=True)
+                loss_fn = functools.partial(kernels.linear_grpo_loss, states, weight)
+            else:
+                loss_fn = functools.partial(self.loss_fn,
+                                            self._forward_logits(self.model, rollout, rows))
+            loss, stats = loss_fn(
+                rollout.completion_ids[rows],
+                batch.advantages[rows] if is_weights is None
+                else batch.advantages[rows, None] * is_weights[rows],
+                loss_mask[rows], None if old_logp is None else old_logp[rows],
+                None if ref_logp is None else ref_logp[rows],
+                temperature=cfg.temperature, beta=cfg.beta, eps_low=cfg.eps_low,
+                eps_high=cfg.eps_high, delta=cfg.delta, loss_type=cfg.loss_type,
+                importance_level=cfg.importance_level,
+                max_completion_length=cfg.max_completion_length, num_items=num_items,
+                entropy_coef=cfg.entropy_coef,
+                # The lm_head's backward does not need its output: on the GPU the
+                # gradient overwrites the logits instead of doubling their memory.
+                inplace=self.device.type == "cuda")
+            if cfg.loss_type in ("grpo", "dr_grpo"):
+                # These average over the micro-batch's sequences: weight by its share.
+                loss = loss * ((rows.stop - rows.start) / n)
+            if cfg.router_aux_loss_coef > 0 and self._aux_loss is not None:
+                loss = loss + cfg.router_aux_loss_coef * self._aux_loss * \
+                    ((rows.stop - rows.start) / n)
+            if self.world > 1:  # FSDP averages gradients over ranks; the loss is a sum
+                loss = loss * (self.world if real else 0.0)
+            loss.backward()
+            self._clear_replay()  # kept until here: checkpointing recomputes in backward
+            if not real:
+                continue
+            if self.world > 1:
+                loss = loss / self.world
+            weight = float(loss_mask[rows].sum())
+            tokens += weight
+            totals["loss"] = totals.get("loss", 0.0) + loss.item()
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + float(value) * weight
         if self.world > 1:
             keys = sorted(totals)
             summed = dist_mod.all_reduce(torch.tensor([totals[k] for k in keys] + [tokens],
@@ -576,7 +585,6 @@ class GRPOTrainer:
         grad_norm = dist_mod.local_value(
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         self.optimizer.step()
-        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 

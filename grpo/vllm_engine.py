@@ -39,7 +39,8 @@ class VLLMEngine:
 
     def __init__(self, model, tokenizer, model_path: str, *, max_prompt_length: int,
                  max_completion_length: int, temperature: float = 1.0, top_p: float = 1.0,
-                 overflow: str = "truncate", gpu_memory_utilization: float = 0.3,
+                 overflow: str = "truncate", ignore_eos: bool = False,
+                 gpu_memory_utilization: float = 0.3,
                  sleep: bool = False, seed: int = 0, llm=None):
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer needs a pad token and an EOS token for rollouts")
@@ -49,7 +50,7 @@ class VLLMEngine:
         self.max_prompt_length, self.max_completion_length = max_prompt_length, \
             max_completion_length
         self.temperature, self.top_p, self.overflow = temperature, top_p, overflow
-        self.sleep = sleep
+        self.sleep, self.ignore_eos = sleep, ignore_eos
         if llm is None:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in our process
             distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -115,7 +116,8 @@ class VLLMEngine:
         params = self.vllm.SamplingParams(
             n=g, temperature=0.0 if greedy else self.temperature,
             top_p=1.0 if greedy else self.top_p, max_tokens=self.max_completion_length,
-            logprobs=0, stop_token_ids=[self.tokenizer.eos_token_id], detokenize=False)
+            logprobs=0, stop_token_ids=[] if self.ignore_eos else [self.tokenizer.eos_token_id],
+            ignore_eos=self.ignore_eos, detokenize=False)
         requests = [{"prompt_token_ids": row[m.bool()].tolist()} for row, m in zip(ids, mask,
                                                                                    strict=True)]
         outputs = self.llm.generate(requests, params, use_tqdm=False)

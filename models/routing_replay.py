@@ -81,8 +81,10 @@ class RoutingReplay:
 
     def recorded(self) -> torch.Tensor:
         """(L, N, S, k) ids of the last recording, S = all tokens the model processed."""
-        layers = [torch.cat(calls, dim=1) for calls in self._records]
-        return torch.stack(layers)
+        layers = torch.stack([torch.cat(calls, dim=1) for calls in self._records]).cpu()
+        if layers.numel() >= 2**20 and torch.cuda.is_available():
+            layers = layers.pin_memory()  # large: pinned for fast copies back
+        return layers
 
     def set(self, routing: torch.Tensor) -> None:
         """Replay these ids, (L, rows, S, k), in the following forwards (and recomputes)."""
@@ -99,9 +101,10 @@ class RoutingReplay:
         layer = self._layer[id(router)]
         if self._num_rows is not None:
             compact = torch.int16 if router.weight.shape[0] < 2**15 else torch.int32
-            record = ids.detach().to(compact).view(self._num_rows, -1, ids.shape[-1]).cpu()
-            if record.numel() >= 2**20 and torch.cuda.is_available():
-                record = record.pin_memory()  # large: pinned for fast copies back
+            # Kept on the device until recorded(): a copy to the CPU here would wait for the
+            # GPU in every MoE layer of every decoding step, so the CPU could never run ahead
+            # launching kernels (L x tokens synchronisations per rollout).
+            record = ids.detach().to(compact).view(self._num_rows, -1, ids.shape[-1])
             self._records[layer].append(record)
             return None
         if self._replay is None:

@@ -62,10 +62,13 @@ def char_tokenizer(extra_chars: str = "") -> transformers.PreTrainedTokenizerFas
     )
 
 
-def _family_kwargs(family: str, hidden: int, experts: int, top_k: int) -> dict:
+def _family_kwargs(family: str, hidden: int, experts: int, top_k: int,
+                   moe_intermediate: int | None = None) -> dict:
     """Architecture-specific config kwargs. Router settings are explicit (and differ from the
     class defaults where that is meaningful) so tests exercise config-driven router maths."""
-    routed = dict(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=hidden // 2)
+    moe_intermediate = moe_intermediate or hidden // 2
+    routed = dict(num_experts=experts, num_experts_per_tok=top_k,
+                  moe_intermediate_size=moe_intermediate)
     if family == "qwen2_moe":
         return dict(routed, shared_expert_intermediate_size=hidden, norm_topk_prob=True,
                     decoder_sparse_step=1)
@@ -79,7 +82,7 @@ def _family_kwargs(family: str, hidden: int, experts: int, top_k: int) -> dict:
         # Grouped sigmoid routing with a correction bias, scaling and one shared expert;
         # layer 0 dense (first_k_dense_replace=1), MLA attention with a q LoRA.
         return dict(n_routed_experts=experts, num_experts_per_tok=top_k,
-                    moe_intermediate_size=hidden // 2, n_shared_experts=1, n_group=2,
+                    moe_intermediate_size=moe_intermediate, n_shared_experts=1, n_group=2,
                     topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
                     first_k_dense_replace=1, q_lora_rank=hidden // 2, kv_lora_rank=16,
                     qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
@@ -99,11 +102,20 @@ def make_tiny(
     seed: int = 0,
     max_shard_size: int | str = "150KB",
     dtype: torch.dtype = torch.float32,
+    intermediate: int | None = None,
+    moe_intermediate: int | None = None,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int | None = None,
+    tie_embeddings: bool = False,
 ) -> Path:
     """Write a tiny random `family` checkpoint with the char tokenizer to `path`; return it.
 
     With the defaults (fp32), the routed experts of every MoE layer (>= 196 KB) straddle shard
-    files, which is the case a streaming loader must get right.
+    files, which is the case a streaming loader must get right. The shape arguments
+    (intermediate [2 * hidden], moe_intermediate [hidden // 2], heads, kv_heads, head_dim
+    [hidden // heads], tie_embeddings, and a vocab larger than the tokenizer) also build
+    random models with a real model's shapes, for benchmarks.
     """
     if kind not in _DEFAULT_FAMILY:
         raise ValueError(f"kind must be 'dense' or 'moe', got {kind!r}")
@@ -119,14 +131,15 @@ def make_tiny(
         raise ValueError(f"vocab={vocab} is smaller than the tokenizer ({n_tok} tokens)")
 
     kwargs = dict(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=hidden // 4, max_position_embeddings=2048, tie_word_embeddings=False,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        head_dim=head_dim or hidden // heads, max_position_embeddings=2048,
+        tie_word_embeddings=tie_embeddings,
         # The tokenizer has no BOS; like Qwen, use EOS in its place.
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    kwargs.update(_family_kwargs(family, hidden, experts, top_k))
+    kwargs.update(_family_kwargs(family, hidden, experts, top_k, moe_intermediate))
     if family in ("olmoe", "deepseek_v3"):  # no head_dim in their configs (MLA has its own)
         kwargs.pop("head_dim")
     if family == "deepseek_v3":  # MLA expands k/v per query head; GQA grouping would not fit

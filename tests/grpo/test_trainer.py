@@ -87,6 +87,20 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, loss_type):
     assert any(g.abs().sum() > 0 for g in grads[0])
 
 
+def test_mu_iterations_are_optimizer_steps(tmp_path):
+    """GRPO's mu inner iterations each update the policy (so the later ones are off-policy
+    and clip), while the learning-rate schedule advances once per GRPO step."""
+    trainer = GRPOTrainer(_config(tmp_path, steps=2, num_iterations=3, eps_low=0.01,
+                                  eps_high=0.01, learning_rate=1e-2, lr_schedule="linear",
+                                  rewards=["tests.grpo.dist_worker:length_reward"]))
+    trainer.train()
+    steps = {int(s["step"]) for s in trainer.optimizer.state.values()}
+    assert steps == {6}
+    assert trainer.scheduler.last_epoch == 2
+    lines = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert any(line["clip_region"] > 0 for line in lines)  # later passes left the trust region
+
+
 def _comparable(line: dict) -> dict:
     return {k: v for k, v in line.items() if not k.startswith(("seconds", "tokens_per_s"))}
 
