@@ -17,6 +17,7 @@ padding.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import time
@@ -171,6 +172,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="without --model: layers of the fresh tiny Qwen2")
     parser.add_argument("--data", default="", help="JSONL with prompt and completion columns")
     parser.add_argument("--task", default="arithmetic", help="built-in task (without --data)")
+    parser.add_argument("--task-args", type=json.loads, default={},
+                        help="task options as JSON, e.g. '{\"operators\": \"+\"}'")
+    parser.add_argument("--eval-size", type=int, default=200,
+                        help="grpo-train's held-out prompts (same --seed) to leave out")
     parser.add_argument("--template", default=None,
                         help="prompt template [short for character tokenizers, else r1zero]")
     parser.add_argument("--steps", type=int, default=300)
@@ -203,8 +208,9 @@ def main(argv: list[str] | None = None) -> None:
         pairs = [(data_mod.format_prompt(ex, template, tokenizer), ex["completion"])
                  for ex in examples]
     else:
-        task = data_mod.make_task(args.task)
-        stream = data_mod.TrainStream(task, args.seed, exclude=set())
+        task = data_mod.make_task(args.task, **args.task_args)
+        # Never the prompts grpo-train and grpo.eval hold out, so evaluation stays clean.
+        _, stream = data_mod.task_splits(task, args.seed, args.eval_size)
         pairs = [(data_mod.format_prompt(ex, template, tokenizer), task.solution(ex))
                  for ex in stream.next_batch(args.steps * args.batch_size)]
     lr = args.lr or (3e-3 if not args.model else 1e-5)

@@ -55,3 +55,19 @@ def test_run_sft_with_packing_trains(tmp_path):
         assert sft_loss(model, tok, PAIRS).item() < before
     with pytest.raises(ValueError, match="packing length"):
         run_sft(model, tok, PAIRS, steps=1, lr=1e-3, batch_size=2, packing=0)
+
+
+def test_sft_command_on_a_task_skips_held_out_prompts(tmp_path, monkeypatch):
+    import grpo.sft
+    from grpo import data as data_mod
+
+    trained = []
+    monkeypatch.setattr(grpo.sft, "run_sft", lambda model, tok, pairs, **kw: trained.extend(pairs)
+                        or 0.0)
+    grpo.sft.main(["--task-args", '{"operators": "+"}', "--eval-size", "500", "--steps", "20",
+                   "--batch-size", "50", "--tiny-hidden", "16", "--tiny-layers", "1",
+                   "--output-dir", str(tmp_path / "out")])
+    held_out, _ = data_mod.task_splits(data_mod.make_task("arithmetic", operators="+"), 0, 500)
+    prompts = {p.rstrip("\n") for p, _ in trained}
+    assert len(trained) == 1000 and all("+" in p for p in prompts)
+    assert not prompts & {e["prompt"] for e in held_out}
