@@ -31,6 +31,7 @@ __all__ = [
     "REWARDS",
     "RewardError",
     "accuracy_reward",
+    "answer_key",
     "countdown_reward",
     "extract_answer",
     "format_reward",
@@ -126,6 +127,18 @@ def normalize_number(s: str) -> str | None:
 
 def _norm_text(s: str) -> str:
     return " ".join(s.split())
+
+
+def answer_key(text: str) -> str | None:
+    """The extracted answer of a completion in the form ``accuracy_reward`` compares: the
+    canonical number when it is one, else the whitespace-collapsed text; None without an
+    ``<answer>``. Answers with equal keys are the same answer (majority voting counts them
+    together)."""
+    pred = extract_answer(text)
+    if pred is None:
+        return None
+    number = normalize_number(pred)
+    return number if number is not None else _norm_text(pred)
 
 
 # --------------------------------------------------------------------------------------------

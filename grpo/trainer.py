@@ -39,6 +39,7 @@ from . import distributed as dist_mod
 from . import rewards as rewards_mod
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import GRPOConfig
+from .evaluation import reward_columns
 from .metrics import RunLogger
 from .rollout import Rollout, TransformersEngine
 from .sft import run_sft
@@ -411,13 +412,8 @@ class GRPOTrainer:
                      zero_std / groups, all_rewards)
 
     def _score(self, examples: list[dict], rollout: Rollout) -> tuple[torch.Tensor, dict]:
-        g = self.cfg.num_generations
-        columns = {key: [ex.get(key) for ex in examples for _ in range(g)]
-                   for key in examples[0] if key != "prompt"}
-        columns["prompts"] = [ex["prompt"] for ex in examples for _ in range(g)]
-        columns["completion_lengths"] = rollout.lengths.tolist()
-        columns["truncated"] = rollout.truncated.tolist()
-        columns["max_completion_length"] = self.cfg.max_completion_length
+        columns = reward_columns(examples, self.cfg.num_generations, rollout.lengths.tolist(),
+                                 rollout.truncated.tolist(), self.cfg.max_completion_length)
         return rewards_mod.score(self.reward_fns, rollout.texts, columns,
                                  on_error=self.cfg.reward_errors)
 

@@ -1,0 +1,224 @@
+"""What grpo.eval and grpo.sample share: prompt sources, batched sampling, scoring with the
+training rewards, and the metrics of k samples per prompt (pass@k, cons@k).
+
+Sampling goes through the trainer's `TransformersEngine` and scoring through
+`grpo.rewards.score` with the same reward functions and columns as a GRPO step, so a number
+reported here means what the trainer's reward meant.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from . import data as data_mod
+from . import rewards as rewards_mod
+from .rollout import TransformersEngine
+
+__all__ = [
+    "Samples",
+    "cons_at_k",
+    "is_char_tokenizer",
+    "load_model_for_eval",
+    "majority_vote",
+    "pass_at_k",
+    "prompt_examples",
+    "resolve_template",
+    "reward_columns",
+    "reward_functions",
+    "sample_and_score",
+]
+
+
+# --- metrics of k samples -------------------------------------------------------------------
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased estimate of pass@k from n samples of which c are correct (Chen et al., 2021):
+    1 - C(n-c, k) / C(n, k), the chance that k samples drawn without replacement from the n
+    include a correct one. Computed as 1 - prod_{i=n-c+1}^{n} (1 - k/i), which never forms
+    the binomials (they overflow floats for n in the hundreds)."""
+    if not 0 <= c <= n:
+        raise ValueError(f"need 0 <= c <= n, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"need 1 <= k <= n, got k={k}, n={n}")
+    if n - c < k:  # every k-subset holds a correct sample
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def majority_vote(keys: Sequence[str | None]) -> int | None:
+    """Index of the sample that represents the most frequent answer key, or None when no
+    sample has an answer. Samples without an answer (None) do not vote.
+
+    Tie rule: among the answers with the top count, the one sampled first wins (its first
+    occurrence is earliest). The order is the sampling order, which knows nothing of
+    correctness, so a tie is neither credited nor penalised on purpose.
+    """
+    counts: dict[str, int] = {}
+    first: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        if key is None:
+            continue
+        counts[key] = counts.get(key, 0) + 1
+        first.setdefault(key, i)
+    if not counts:
+        return None
+    best = max(counts.values())
+    return min(first[key] for key, count in counts.items() if count == best)
+
+
+def cons_at_k(texts: Sequence[str], correct: Sequence[bool]) -> bool:
+    """cons@k of one prompt: whether the majority answer of its k completions is correct.
+    Answers are compared as the accuracy reward compares them (`rewards.answer_key`); the
+    verdict is the correctness reward's on the sample that represents the winning answer, so
+    tasks with their own checker (Countdown) vote the same way."""
+    winner = majority_vote([rewards_mod.answer_key(t) for t in texts])
+    return winner is not None and bool(correct[winner])
+
+
+# --- models, templates, prompts -------------------------------------------------------------
+
+def is_char_tokenizer(tokenizer) -> bool:
+    """True for a character-level vocabulary (every regular token one character), such as
+    models.tiny's: such models use the short template and short completions, as grpo-train
+    does for its built-in model."""
+    added = set(tokenizer.get_added_vocab())
+    return all(len(tok) == 1 for tok in tokenizer.get_vocab() if tok not in added)
+
+
+def resolve_template(template: str | None, tokenizer) -> str:
+    """The given template, else the one grpo-train picks: "short" for character-level
+    tokenizers (the built-in model), "r1zero" otherwise."""
+    if template:
+        return template
+    return "short" if is_char_tokenizer(tokenizer) else "r1zero"
+
+
+def load_model_for_eval(path: str):
+    """(model, tokenizer, device) in eval mode: bf16 on a GPU, fp32 on the CPU. A directory
+    without tokenizer files is a ValueError (models.CheckpointError)."""
+    from models import load_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, tokenizer = load_model(path, dtype=dtype, device=device)
+    model.eval()
+    return model, tokenizer, device
+
+
+def reward_functions(task: data_mod.Task | None, extra: Sequence[str] = ()
+                     ) -> list[tuple[str, Any]]:
+    """The rewards a GRPO run on this task uses by default (accuracy and format; countdown and
+    format for Countdown), then the extra specs. The first one decides correctness."""
+    names = list(task.rewards if task is not None else ("accuracy", "format"))
+    names += [name for name in extra if name not in names]
+    return [rewards_mod.resolve_reward(name) for name in names]
+
+
+def prompt_examples(*, task: str, task_args: dict, data: str, seed: int, eval_size: int,
+                    split: str, num_prompts: int | None, needs_answer: bool
+                    ) -> tuple[data_mod.Task | None, list[dict]]:
+    """(task or None, examples) to sample from.
+
+    Built-in tasks: split="eval" gives the held-out prompts grpo-train evaluates on (same
+    seed and eval_size give the same prompts); split="train" gives the first num_prompts of
+    the training stream, which never yields a held-out prompt. A JSONL file: its rows in
+    order, the first num_prompts if given.
+    """
+    if num_prompts is not None and num_prompts < 1:
+        raise ValueError(f"--num-prompts must be >= 1, got {num_prompts}")
+    if data:
+        try:
+            examples = data_mod.load_jsonl(data, require_answer=needs_answer)
+        except data_mod.DatasetError as e:
+            hint = " (the accuracy reward needs an 'answer' per example)" \
+                if needs_answer and "missing 'answer'" in str(e) else ""
+            raise data_mod.DatasetError(f"{e}{hint}") from e
+        return None, examples[:num_prompts] if num_prompts else examples
+    task_obj = data_mod.make_task(task, **task_args)
+    evals, stream = data_mod.task_splits(task_obj, seed, eval_size)
+    if split == "eval":
+        return task_obj, evals[:num_prompts] if num_prompts else evals
+    if split != "train":
+        raise ValueError(f"split must be 'eval' or 'train', got {split!r}")
+    return task_obj, stream.next_batch(num_prompts or eval_size)
+
+
+# --- sampling and scoring -------------------------------------------------------------------
+
+def reward_columns(examples: Sequence[dict], group_size: int, completion_lengths: list[int],
+                   truncated: list[bool], max_completion_length: int) -> dict[str, Any]:
+    """The keyword columns reward functions get for group_size completions per example, in
+    the trainer's layout: example columns repeated per completion (the raw question as
+    "prompts"), completion lengths, truncation flags and max_completion_length."""
+    columns = {key: [ex.get(key) for ex in examples for _ in range(group_size)]
+               for key in examples[0] if key != "prompt"}
+    columns["prompts"] = [ex["prompt"] for ex in examples for _ in range(group_size)]
+    columns["completion_lengths"] = completion_lengths
+    columns["truncated"] = truncated
+    columns["max_completion_length"] = max_completion_length
+    return columns
+
+
+@dataclass
+class Samples:
+    """k scored completions for each of P prompts, in sampling order."""
+
+    examples: list[dict]  # (P,)
+    texts: list[list[str]]  # (P, k)
+    lengths: torch.Tensor  # (P, k) completion tokens, EOS included
+    truncated: torch.Tensor  # (P, k) bool: no EOS within max_completion_length
+    rewards: torch.Tensor  # (P, k, R) NaN where a reward does not apply
+    reward_names: list[str]  # (R,)
+
+    def reward(self, name: str) -> torch.Tensor:
+        return self.rewards[:, :, self.reward_names.index(name)]
+
+    @property
+    def correct(self) -> torch.Tensor:
+        """(P, k) bool: the first reward (accuracy or countdown) gave full marks."""
+        return self.rewards[:, :, 0] == 1.0
+
+
+def sample_and_score(model, tokenizer, examples: list[dict], reward_fns: list, *,
+                     template: str, samples: int, temperature: float, top_p: float,
+                     max_completion_length: int, max_prompt_length: int = 512,
+                     batch_size: int = 256, greedy: bool = False, progress: bool = True,
+                     desc: str = "sampling") -> Samples:
+    """`samples` completions per example (one when greedy), generated in batches of about
+    batch_size sequences, scored with reward_fns as a GRPO step scores them."""
+    if samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {samples}")
+    if not examples:
+        raise ValueError("no prompts to sample from")
+    k = 1 if greedy else samples
+    engine = TransformersEngine(model, tokenizer, max_prompt_length=max_prompt_length,
+                                max_completion_length=max_completion_length,
+                                temperature=temperature, top_p=top_p)
+    per_batch = max(1, batch_size // k)
+    texts: list[str] = []
+    lengths, truncated = [], []
+    bar = tqdm(total=len(examples) * k, desc=desc, unit="completion", disable=not progress,
+               dynamic_ncols=True)
+    for start in range(0, len(examples), per_batch):
+        chunk = examples[start:start + per_batch]
+        prompts = [data_mod.format_prompt(ex, template, tokenizer) for ex in chunk]
+        rollout = engine.generate(prompts, k, greedy=greedy)
+        texts += rollout.texts
+        lengths.append(rollout.lengths.cpu())
+        truncated.append(rollout.truncated.cpu())
+        bar.update(len(rollout))
+    bar.close()
+    lengths_t, truncated_t = torch.cat(lengths), torch.cat(truncated)
+    columns = reward_columns(examples, k, lengths_t.tolist(), truncated_t.tolist(),
+                             max_completion_length)
+    rewards, _ = rewards_mod.score(reward_fns, texts, columns)
+    p = len(examples)
+    return Samples(examples, [texts[i * k:(i + 1) * k] for i in range(p)],
+                   lengths_t.view(p, k), truncated_t.view(p, k),
+                   rewards.view(p, k, -1), [name for name, _ in reward_fns])
