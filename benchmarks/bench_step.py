@@ -1,11 +1,11 @@
 """End to end: full GRPO steps of our trainer vs TRL's GRPOTrainer on one device.
 
     python -m benchmarks.bench_step [--model dense|moe|both] [--steps 3] [--prompts 16] [--G 8]
-                                    [--tokens 256] [--providers ours,trl] [--tiny]
+                                    [--tokens 256] [--providers ours,ours-logits,trl] [--tiny]
 
 A step is rollout (prompts x G completions of exactly --tokens new tokens: EOS is never
 sampled, so every provider generates the same number of tokens), rewards, old-policy and
-reference log-probs, mu=2 passes of forward+backward (beta=0.04). Models are random-init
+reference log-probs, mu=2 optimizer steps on the batch (beta=0.04). Models are random-init
 checkpoints written to a temporary directory: "dense" has Qwen2.5-0.5B's shapes (494M
 parameters, tied embeddings), "moe" Qwen3-MoE-style shapes that fit one GPU (12 layers, hidden
 1024, 64 experts, top-8, expert width 384: 1.25B parameters). The tokenizer is the character
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import math
@@ -62,7 +63,9 @@ TINY_MODELS: dict[str, dict[str, Any]] = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("dense", "moe", "both"), default="both")
-    parser.add_argument("--providers", default="ours,trl", help="comma list of ours, trl")
+    parser.add_argument("--providers", default="ours,trl",
+                        help="comma list of ours, ours-logits (ours with the lm_head outside "
+                             "the loss: materialised logits + grpo_loss), trl")
     parser.add_argument("--steps", type=int, help="measured steps (rounds) [3; 1 with --tiny]")
     parser.add_argument("--warmup", type=int, default=1,
                         help="untimed steps first (compilation, allocator, autotuning)")
@@ -93,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.tokens = args.tokens or (8 if small else 256)
     args.models = ["dense", "moe"] if args.model == "both" else [args.model]
     args.providers = args.providers.split(",")
-    unknown = set(args.providers) - {"ours", "trl"}
+    unknown = set(args.providers) - set(RUNNERS)
     if unknown:
         parser.error(f"unknown provider(s) {sorted(unknown)}")
     if not common.has_cuda() and not small:
@@ -150,9 +153,10 @@ def _peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if common.has_cuda() else float("nan")
 
 
-def run_ours(args: argparse.Namespace, checkpoint: Path, workdir: Path) -> dict[str, Any]:
+def run_ours(args: argparse.Namespace, checkpoint: Path, workdir: Path,
+             fused_loss: bool | None = None) -> dict[str, Any]:
     """Our GRPOTrainer: `warmup` untimed steps, then `steps` timed ones (phase seconds from
-    the step's own metrics)."""
+    the step's own metrics). fused_loss: None is the trainer's default (fused on a GPU)."""
     from grpo.config import GRPOConfig
     from grpo.trainer import GRPOTrainer
 
@@ -164,7 +168,8 @@ def run_ours(args: argparse.Namespace, checkpoint: Path, workdir: Path) -> dict[
         temperature=1.0, dynamic_sampling=False, micro_batch_size=args.micro_batch,
         gradient_checkpointing=args.gradient_checkpointing, rewards=["accuracy"],
         generation_cache=args.generation_cache, compile_generation=args.compile_generation,
-        steps=args.warmup + args.steps, sft_steps=0, eval_size=1, progress=False)
+        steps=args.warmup + args.steps, sft_steps=0, eval_size=1, progress=False,
+        fused_loss=fused_loss)
     trainer = GRPOTrainer(cfg)
     # As train() does when beta > 0: the frozen reference, loaded from the same checkpoint.
     trainer.ref_model = trainer._reference_model()
@@ -183,7 +188,8 @@ def run_ours(args: argparse.Namespace, checkpoint: Path, workdir: Path) -> dict[
                                f"expected {args.tokens}: EOS was sampled")
     engine = trainer.engine
     return {"records": records, "peak_gib": _peak_gib(),
-            "engine": f"{engine.cache}{'+compile' if engine.compile else ''}"}
+            "engine": f"{engine.cache}{'+compile' if engine.compile else ''}"
+                      f"{'+fused-loss' if trainer.fused else ''}"}
 
 
 def run_trl(args: argparse.Namespace, checkpoint: Path, workdir: Path) -> dict[str, Any]:
@@ -268,7 +274,8 @@ def run_trl(args: argparse.Namespace, checkpoint: Path, workdir: Path) -> dict[s
     return {"records": records, "peak_gib": _peak_gib(), "engine": "trl-generate"}
 
 
-RUNNERS = {"ours": run_ours, "trl": run_trl}
+RUNNERS = {"ours": run_ours, "ours-logits": functools.partial(run_ours, fused_loss=False),
+           "trl": run_trl}
 
 
 def summarise(model: str, provider: str, params: int, result: dict, args: argparse.Namespace
