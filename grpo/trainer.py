@@ -2,7 +2,8 @@
 
 One GRPO step:
     prompts -> G completions each (rollout) -> rewards -> group_advantages
-    -> old-policy log-probs (only when mu > 1) and reference log-probs (only when beta > 0)
+    -> old-policy log-probs (when mu > 1 or the sampler correction is on) and reference
+       log-probs (when beta > 0)
     -> mu times: a pass over micro-batches with grpo_loss (gradient accumulation), clip,
        optimizer step -> metrics, eval, checkpoint.
 Around it: the cold start (supervised warm-up on worked solutions), held-out evaluation
