@@ -78,6 +78,24 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+@contextlib.contextmanager
+def _gathered(model: torch.nn.Module):
+    """An FSDP2-sharded model keeps each layer gathered from its first decoding step to the
+    end of generation (then reshards), instead of all-gathering every layer for every token:
+    the full weights for the duration, as ZeRO-3 trainers gather them for generation."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True, recurse=False)
+
+
 def tokenize_prompts(tokenizer, prompts: list[str], max_length: int, overflow: str,
                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded (ids, mask); prompts over max_length keep their last tokens (with a
@@ -243,7 +261,7 @@ class TransformersEngine:
         recording = self.replay.record(ids.shape[0]) if self.replay is not None and not greedy \
             else contextlib.nullcontext()
         try:
-            with recording:
+            with recording, _gathered(self.model):
                 out = self.model.generate(
                     input_ids=ids, attention_mask=mask, do_sample=not greedy,
                     max_new_tokens=self.max_completion_length,

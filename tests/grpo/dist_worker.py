@@ -72,6 +72,10 @@ def main(argv: list[str]) -> None:
         "--no-dynamic-sampling", "--no-progress", "--dtype", "fp32", "--device", "cpu",
         *argv[2:]])
     trainer = GRPOTrainer(config)
+    # The real engine first, greedy on fixed prompts (the same batch on every rank): under FSDP
+    # it decodes with gathered weights, and must answer as one process does.
+    prompts = [trainer._prompt(ex) for ex in trainer.eval_examples[:3]]
+    greedy = trainer.engine.generate(prompts, 1, greedy=True).texts
     trainer.engine = FakeEngine(trainer.tokenizer, config.max_completion_length)
     record = []
     sample = trainer.sample_batch
@@ -97,7 +101,7 @@ def main(argv: list[str]) -> None:
         trainer.train()
         if distributed.is_main():
             (Path(out) / "record.json").write_text(json.dumps(
-                {"steps": record, "syncs": trainer.engine.syncs,
+                {"steps": record, "syncs": trainer.engine.syncs, "greedy": greedy,
                  "world": distributed.world_size()}))
     finally:
         distributed.shutdown()
