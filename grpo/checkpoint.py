@@ -19,6 +19,7 @@ A distributed run (FSDP2-sharded policy, see grpo/distributed.py) writes the sam
 shards, written by every rank in parallel. It is resharded on load, so a run can resume with
 any number of processes (one included, without torchrun); `model/` is the gathered model,
 written by rank 0. Each rank's RNG state is kept; a different world size re-seeds instead.
+A single-process checkpoint resumes under torchrun too: every rank shards the full state.
 
 `trainer_state.pt` holds only tensors and plain Python values, so it is read with
 `torch.load(weights_only=True)`: loading a checkpoint never runs pickled code.
@@ -113,10 +114,6 @@ def load_checkpoint(
     trainer_state = _read_trainer_state(path / TRAINER_STATE, device)
     if (path / SHARDED_DIR).is_dir():
         return _load_sharded(path, trainer_state, model, optimizer, scheduler)
-    if distributed.is_sharded(model):
-        raise ValueError(f"{path}: written by a single-process run (no {SHARDED_DIR}/); resume "
-                         f"it without torchrun, or start the distributed run from its "
-                         f"{MODEL_DIR}/ with --model")
     _check_optimizer(path, trainer_state["optimizer"], optimizer)
     if scheduler is not None and trainer_state["scheduler"] is None:
         raise ValueError(f"{path}: checkpoint was saved without a scheduler, but one was given")
@@ -126,15 +123,33 @@ def load_checkpoint(
     fresh, _ = load_model(path / MODEL_DIR, dtype=_model_dtype(model), device="cpu")
     weights = fresh.state_dict()
     _check_weights(path, weights, model.state_dict())
-    model.load_state_dict(weights)
+    if distributed.is_sharded(model):  # a single-process checkpoint, resumed under torchrun
+        _load_full_into_sharded(model, optimizer, weights, trainer_state["optimizer"])
+    else:
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(trainer_state["optimizer"])
     del fresh, weights
-
-    optimizer.load_state_dict(trainer_state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(trainer_state["scheduler"])
     # Last: building the fresh model above draws from the torch RNG (parameter init).
-    restore_rng(trainer_state["rng"])
+    _restore_rngs(trainer_state)
     return trainer_state["state"]
+
+
+def _load_full_into_sharded(model, optimizer, weights: dict, optim_state: dict) -> None:
+    """Every rank shards a full (single-process) model and optimizer state into its FSDP
+    model. The saved optimizer numbers its parameters in model.parameters() order; the
+    sharded one is keyed by parameter names (the same names under FSDP2)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    names = [name for name, _ in model.named_parameters()]
+    by_name = {
+        "state": {names[i]: value for i, value in optim_state["state"].items()},
+        "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                         for group in optim_state["param_groups"]],
+    }
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=by_name,
+                   options=StateDictOptions(full_state_dict=True))
 
 
 def _save_sharded(path: Path, model, tokenizer, optimizer, scheduler, state: dict,
@@ -189,18 +204,24 @@ def _load_sharded(path: Path, trainer_state: dict, model, optimizer, scheduler) 
             raise ValueError(f"{path}: checkpoint was saved without a scheduler, but one was "
                              f"given")
         scheduler.load_state_dict(trainer_state["scheduler"])
+    _restore_rngs(trainer_state)
+    return trainer_state["state"]
+
+
+def _restore_rngs(trainer_state: dict) -> None:
+    """This rank's RNG states; with another number of processes than the run that saved them,
+    seeds from the step and rank instead (the data order is global, only sampling differs)."""
     rngs = trainer_state["rng"]
     if isinstance(rngs, dict):  # a single-process run's state
         rngs = [rngs]
     if len(rngs) == distributed.world_size():
         restore_rng(rngs[distributed.rank()])
-    else:  # another world size: the data order is global, only sampling noise differs
-        step = int(trainer_state["state"].get("step", 0))
-        seed = 1_000_003 * step + distributed.rank()
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
-    return trainer_state["state"]
+        return
+    step = int(trainer_state["state"].get("step", 0))
+    seed = 1_000_003 * step + distributed.rank()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def find_checkpoint(run_dir: Path) -> Path | None:

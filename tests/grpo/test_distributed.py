@@ -107,6 +107,21 @@ def test_resume_with_another_world_size(model, one_process, tmp_path):
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=k)
 
 
+def test_single_process_checkpoint_resumed_by_two(model, one_process, tmp_path):
+    out_one, one = one_process["dapo"]
+    out = tmp_path / "run"
+    flags = [*COMMON, "--loss-type", "dapo", "--scale-rewards", "batch"]
+    _run(1, out, model, *flags[:1], "1", *flags[2:])
+    assert not (out / "checkpoint" / "sharded").exists()
+    resumed = _run(2, out, model, *flags, "--resume")
+    second = resumed["steps"][0]
+    for key in ("loss", "kl", "grad_norm"):
+        assert second[key] == pytest.approx(one["steps"][1][key], rel=1e-5), key
+    wa, wb = _weights(out_one / "final"), _weights(out / "final")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=k)
+
+
 def test_unequal_batches_do_not_hang(model, tmp_path):
     """Dynamic sampling keeps 4 rows on one rank and 8 on the other in a step: the short rank
     runs zero-weight micro-batches so that FSDP's collectives still meet."""
