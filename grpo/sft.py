@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
           f"({time.perf_counter() - start:.0f} s); model saved to {out}")
 
 
-def _cli() -> int:
+def cli() -> int:
+    """The console script `grpo-sft`: main() with bad input reported in one line (exit 2)."""
     try:
         main()
     except ValueError as e:  # bad input: a message, not a traceback
@@ -233,4 +234,4 @@ def _cli() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_cli())
+    sys.exit(cli())
