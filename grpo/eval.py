@@ -24,6 +24,7 @@ import torch
 
 from .evaluation import (
     Samples,
+    build_engine,
     cons_at_k,
     is_char_tokenizer,
     load_model_for_eval,
@@ -93,9 +94,12 @@ def evaluate(args: argparse.Namespace) -> dict:
     reward_fns = reward_functions(task, args.reward)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
+    engine = build_engine(model, tokenizer, args.rollout, temperature=args.temperature,
+                          top_p=args.top_p, max_prompt_length=args.max_prompt_length,
+                          max_completion_length=max_new, model_path=args.model, seed=args.seed)
     common = dict(template=template, temperature=args.temperature, top_p=args.top_p,
                   max_completion_length=max_new, max_prompt_length=args.max_prompt_length,
-                  batch_size=args.batch_size, progress=args.progress)
+                  batch_size=args.batch_size, progress=args.progress, engine=engine)
     result = sample_and_score(model, tokenizer, examples, reward_fns, samples=args.samples,
                               desc="eval", **common)
     metrics = summarize(result, pass_ks)
@@ -168,6 +172,8 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=256,
                         help="sequences generated per batch")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--rollout", default="transformers", choices=("transformers", "vllm"),
+                        help="sampling engine (vllm: needs the vllm package and a GPU)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from .rollout import TransformersEngine
 
 __all__ = [
     "Samples",
+    "build_engine",
     "cons_at_k",
     "is_char_tokenizer",
     "load_model_for_eval",
@@ -185,21 +186,43 @@ class Samples:
         return self.rewards[:, :, 0] == 1.0
 
 
+def build_engine(model, tokenizer, rollout: str, *, temperature: float, top_p: float,
+                 max_prompt_length: int, max_completion_length: int, model_path: str = "",
+                 seed: int = 0):
+    """The rollout engine eval and sample draw from: transformers' generate, or vLLM (one
+    engine for all calls: it holds its own weights and KV cache)."""
+    common = dict(max_prompt_length=max_prompt_length,
+                  max_completion_length=max_completion_length, temperature=temperature,
+                  top_p=top_p)
+    if rollout == "vllm":
+        from .vllm_engine import VLLMEngine
+
+        engine = VLLMEngine(model, tokenizer, model_path, seed=seed,
+                            gpu_memory_utilization=0.7, **common)
+        engine.stale = False  # it loaded the very weights of model_path
+        return engine
+    if rollout != "transformers":
+        raise ValueError(f"--rollout must be transformers or vllm, got {rollout!r}")
+    return TransformersEngine(model, tokenizer, **common)
+
+
 def sample_and_score(model, tokenizer, examples: list[dict], reward_fns: list, *,
                      template: str, samples: int, temperature: float, top_p: float,
                      max_completion_length: int, max_prompt_length: int = 512,
                      batch_size: int = 256, greedy: bool = False, progress: bool = True,
-                     desc: str = "sampling") -> Samples:
+                     desc: str = "sampling", engine=None) -> Samples:
     """`samples` completions per example (one when greedy), generated in batches of about
-    batch_size sequences, scored with reward_fns as a GRPO step scores them."""
+    batch_size sequences, scored with reward_fns as a GRPO step scores them. engine: a rollout
+    engine (build_engine) to sample with; default a TransformersEngine with these settings."""
     if samples < 1:
         raise ValueError(f"--samples must be >= 1, got {samples}")
     if not examples:
         raise ValueError("no prompts to sample from")
     k = 1 if greedy else samples
-    engine = TransformersEngine(model, tokenizer, max_prompt_length=max_prompt_length,
-                                max_completion_length=max_completion_length,
-                                temperature=temperature, top_p=top_p)
+    if engine is None:
+        engine = build_engine(model, tokenizer, "transformers", temperature=temperature,
+                              top_p=top_p, max_prompt_length=max_prompt_length,
+                              max_completion_length=max_completion_length)
     per_batch = max(1, batch_size // k)
     texts: list[str] = []
     lengths, truncated = [], []

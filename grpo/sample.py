@@ -31,6 +31,7 @@ import torch
 from .eval import add_source_arguments
 from .evaluation import (
     Samples,
+    build_engine,
     is_char_tokenizer,
     load_model_for_eval,
     prompt_examples,
@@ -131,12 +132,15 @@ def run(args: argparse.Namespace) -> dict:
     reward_fns = reward_functions(task, extra)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
+    engine = build_engine(model, tokenizer, args.rollout, temperature=args.temperature,
+                          top_p=args.top_p, max_prompt_length=args.max_prompt_length,
+                          max_completion_length=max_new, model_path=args.model, seed=args.seed)
     result = sample_and_score(model, tokenizer, examples, reward_fns, template=template,
                               samples=args.samples, temperature=args.temperature,
                               top_p=args.top_p, max_completion_length=max_new,
                               max_prompt_length=args.max_prompt_length,
                               batch_size=args.batch_size, progress=args.progress,
-                              desc="sampling")
+                              desc="sampling", engine=engine)
     rows, stats = rejection_filter(result, keep=args.keep, max_per_prompt=args.max_per_prompt,
                                    min_language=args.min_language_consistency)
     output = Path(args.output)

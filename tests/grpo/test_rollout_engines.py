@@ -5,6 +5,7 @@ needs a GPU)."""
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import types
@@ -218,3 +219,26 @@ def test_vllm_engine_errors(tmp_path, monkeypatch):
                      routing_replay=True)
     with pytest.raises(ValueError, match="routing-replay needs --rollout transformers"):
         GRPOTrainer(cfg)
+
+
+def test_eval_and_sample_with_the_vllm_engine(tmp_path, fake_vllm, capsys):
+    """grpo.eval and grpo.sample on --rollout vllm: one engine for all their sampling, no
+    weight push (vLLM loaded the same checkpoint), the same report as with transformers."""
+    from grpo.eval import main as eval_main
+    from grpo.sample import main as sample_main
+
+    model = make_tiny(tmp_path / "m", hidden=32, layers=1)
+    out = tmp_path / "report.json"
+    rc = eval_main(["--model", str(model), "--num-prompts", "3", "--samples", "2", "--greedy",
+                    "--max-completion-length", "6", "--no-progress", "--output", str(out),
+                    "--rollout", "vllm"])
+    assert rc == 0 and "cons@2" in capsys.readouterr().out
+    assert len(_FakeLLM.instances) == 1 and _FakeLLM.instances[0].loads == 0
+    metrics = json.loads(out.read_text())["metrics"]
+    assert metrics["prompts"] == 3 and 1 <= metrics["completion_length"] <= 6
+    rc = sample_main(["--model", str(model), "--num-prompts", "3", "--samples", "2",
+                      "--keep", "all", "--max-completion-length", "6", "--no-progress",
+                      "--output", str(tmp_path / "pairs.jsonl"), "--rollout", "vllm"])
+    assert rc == 0 and len(_FakeLLM.instances) == 2
+    rows = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert rows and all("completion" in row for row in rows)
