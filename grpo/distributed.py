@@ -156,12 +156,18 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     return state if is_main() else None
 
 
-def save_full_model(model: torch.nn.Module, tokenizer: object | None, path: Path) -> None:
-    """models.save_model for a sharded or plain model: every rank calls it, rank 0 writes."""
+def save_full_model(model: torch.nn.Module, tokenizer: object | None, path: Path,
+                    dtype: torch.dtype | None = None) -> None:
+    """models.save_model for a sharded or plain model: every rank calls it, rank 0 writes.
+    dtype: cast the parameters to it (fp32 master weights saved as the compute dtype)."""
     from models import save_model
 
     state = full_state_dict(model)
     if is_main():
+        if dtype is not None:
+            params = {name for name, _ in model.named_parameters()}
+            state = {k: v.to(dtype) if k in params and v.is_floating_point() else v
+                     for k, v in state.items()}
         save_model(model, tokenizer, path, state_dict=state)
     barrier()
 

@@ -261,7 +261,9 @@ class GRPOTrainer:
             after = self.evaluate()
             logger.message(f"held-out accuracy after GRPO: {after['accuracy']:.3f}")
             self._save_checkpoint()
-            dist_mod.save_full_model(self.model, self.tokenizer, self.run_dir / "final")
+            # In the dtype a single process trains in (sharded runs keep fp32 master weights).
+            dist_mod.save_full_model(self.model, self.tokenizer, self.run_dir / "final",
+                                     dtype=self.compute_dtype)
             logger.plot()
         finally:
             logger.close()

@@ -111,10 +111,13 @@ def test_resume_with_another_world_size(model, one_process, tmp_path, first, the
 
 def test_unequal_batches_do_not_hang(model, tmp_path):
     """Dynamic sampling keeps 4 rows on one rank and 8 on the other in a step: the short rank
-    runs zero-weight micro-batches so that FSDP's collectives still meet."""
+    runs zero-weight micro-batches so that FSDP's collectives still meet. In bf16 compute."""
     record = _run(2, tmp_path / "run", model, "--steps", "3",
                   "--rewards", "tests.grpo.dist_worker:sparse_reward", "--dynamic-sampling",
-                  "--max-sampling-rounds", "2")
+                  "--max-sampling-rounds", "2", "--dtype", "bf16")
     rows = [step["rows"] for step in record["steps"]]
     assert any(r[0] != r[1] for r in rows), rows
     assert all(s["grad_norm"] == s["grad_norm"] for s in record["steps"])  # no NaN
+    # Mixed precision: fp32 master weights, bf16 compute, and final/ saved in bf16.
+    final = _weights(tmp_path / "run" / "final")
+    assert {t.dtype for t in final.values()} == {torch.bfloat16}
