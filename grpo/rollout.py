@@ -134,7 +134,7 @@ def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> tuple[torch.Te
 
 class Engine(Protocol):
     """What the trainer needs from a rollout engine. `generate` returns completions grouped
-    per prompt; `sync_weights` is called after every optimizer step (engines that sample
+    per prompt; `sync_weights` is called after each GRPO step's updates (engines that sample
     from their own copy of the weights, such as vLLM, load the policy's new ones)."""
 
     def generate(self, prompts: list[str], num_generations: int, *,

@@ -1,6 +1,6 @@
 """Rollouts with vLLM, colocated with the trainer on the same GPU(s): `--rollout vllm`.
 
-vLLM keeps its own copy of the weights in its own layout. After every optimizer step the
+vLLM keeps its own copy of the weights in its own layout. After each GRPO step's updates the
 trainer calls `sync_weights()`, which only marks that copy stale; the next `generate()`
 streams the policy's parameters (HF names, gathered one at a time from FSDP shards) into
 vLLM's model with its `load_weights`, and drops the prefix cache that the old weights

@@ -81,7 +81,7 @@ def test_two_processes_match_one(model, one_process, tmp_path, loss_type):
     two = _run(2, tmp_path / "two", model, *COMMON, "--loss-type", loss_type, *extra)
     assert two["world"] == 2 and one["world"] == 1
     assert two["greedy"] == one["greedy"] and any(one["greedy"])  # decoding with FSDP
-    assert two["syncs"] == 2  # the engine heard of every optimizer step
+    assert two["syncs"] == 2  # the engine heard of every GRPO step
     assert all(step["rows"] == [8, 8] for step in two["steps"])  # groups kept whole per rank
     _assert_same_run(one, two, out_one, tmp_path / "two", model)
     # Logs and the summary come from rank 0 only: one line per step.
