@@ -335,10 +335,7 @@ def _checkpoint(name: str, tiny: bool) -> Iterator[tuple[Path, int]]:
 
 def plot_phases(rows: list[dict[str, Any]], out: Path) -> Path:
     """Stacked bars, one per (model, provider): seconds of each phase of one step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from benchmarks.plot import plt, save_figure  # the Agg backend, set on import
 
     labels = [f"{r['model']}\n{r['provider']}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(4.0, 1.4 * len(rows)), 4.5))
@@ -357,11 +354,7 @@ def plot_phases(rows: list[dict[str, Any]], out: Path) -> Path:
                  f"mu=2, beta=0.04", fontsize=9)
     ax.margins(y=0.2)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

@@ -57,6 +57,11 @@ def plot(op: str, csv_path: Path, out: Path, gpu: str | None = None,
     ax.set_title(f"{op} on {gpu}" + (f" ({config})" if config else ""))
     ax.margins(y=0.2)  # room for the bar labels
     ax.legend(fontsize=8)
+    return save_figure(fig, out)
+
+
+def save_figure(fig, out: Path) -> Path:
+    """Lay out, write `out` (its folder created) and close the figure."""
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

@@ -1,7 +1,7 @@
 """What grpo.eval and grpo.sample share: prompt sources, batched sampling, scoring with the
 training rewards, and the metrics of k samples per prompt (pass@k, cons@k).
 
-Sampling goes through the trainer's `TransformersEngine` and scoring through
+Sampling goes through the trainer's rollout engines (`make_engine`) and scoring through
 `grpo.rewards.score` with the same reward functions and columns as a GRPO step, so a number
 reported here means what the trainer's reward meant.
 """
@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from . import data as data_mod
 from . import rewards as rewards_mod
-from .rollout import TransformersEngine
+from .rollout import make_engine
 
 __all__ = [
     "Samples",
@@ -191,19 +191,13 @@ def build_engine(model, tokenizer, rollout: str, *, temperature: float, top_p: f
                  seed: int = 0):
     """The rollout engine eval and sample draw from: transformers' generate, or vLLM (one
     engine for all calls: it holds its own weights and KV cache)."""
-    common = dict(max_prompt_length=max_prompt_length,
-                  max_completion_length=max_completion_length, temperature=temperature,
-                  top_p=top_p)
+    engine = make_engine(rollout, model, tokenizer, model_path=model_path, seed=seed,
+                         gpu_memory_utilization=0.7, max_prompt_length=max_prompt_length,
+                         max_completion_length=max_completion_length, temperature=temperature,
+                         top_p=top_p)
     if rollout == "vllm":
-        from .vllm_engine import VLLMEngine
-
-        engine = VLLMEngine(model, tokenizer, model_path, seed=seed,
-                            gpu_memory_utilization=0.7, **common)
         engine.stale = False  # it loaded the very weights of model_path
-        return engine
-    if rollout != "transformers":
-        raise ValueError(f"--rollout must be transformers or vllm, got {rollout!r}")
-    return TransformersEngine(model, tokenizer, **common)
+    return engine
 
 
 def sample_and_score(model, tokenizer, examples: list[dict], reward_fns: list, *,

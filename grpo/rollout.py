@@ -178,6 +178,25 @@ def rollout_from_tokens(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.
 
 
 CACHES = ("dynamic", "static")
+ROLLOUTS = ("transformers", "vllm")
+
+
+def make_engine(kind: str, model, tokenizer, *, model_path: str = "", seed: int = 0,
+                gpu_memory_utilization: float = 0.3, sleep: bool = False, replay=None,
+                cache: str | None = "dynamic", compile: bool | None = False, **common) -> Engine:
+    """The rollout engine `kind` (ROLLOUTS) on the policy `model`. common: the options both
+    take (lengths, temperature, top_p, overflow, ignore_eos). vLLM loads model_path itself
+    and uses gpu_memory_utilization, sleep and seed; transformers' generate uses replay,
+    cache and compile."""
+    if kind == "vllm":
+        from .vllm_engine import VLLMEngine
+
+        return VLLMEngine(model, tokenizer, model_path, seed=seed,
+                          gpu_memory_utilization=gpu_memory_utilization, sleep=sleep, **common)
+    if kind != "transformers":
+        raise ValueError(f"rollout must be one of {ROLLOUTS}, got {kind!r}")
+    return TransformersEngine(model, tokenizer, replay=replay, cache=cache, compile=compile,
+                              **common)
 
 
 class TransformersEngine:

@@ -42,7 +42,7 @@ from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import GRPOConfig
 from .evaluation import reward_columns
 from .metrics import RunLogger
-from .rollout import Rollout, TransformersEngine
+from .rollout import Rollout, make_engine
 from .sft import run_sft
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -185,16 +185,11 @@ class GRPOTrainer:
         if cfg.sampler_correction != "none" and cfg.top_p < 1 and cfg.rollout != "vllm":
             warnings.warn("the transformers engine records log-probs after top_p; with "
                           "top_p < 1 the sampler correction is biased", stacklevel=2)
-        if cfg.rollout == "vllm":
-            from .vllm_engine import VLLMEngine
-
-            path = cfg.model or str(self.run_dir / "init-model")
-            return VLLMEngine(self.model, self.tokenizer, path, seed=cfg.seed,
-                              gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                              sleep=cfg.vllm_sleep, **common)
-        return TransformersEngine(self.model, self.tokenizer, replay=self.replay,
-                                  cache=cfg.generation_cache, compile=cfg.compile_generation,
-                                  **common)
+        return make_engine(cfg.rollout, self.model, self.tokenizer,
+                           model_path=cfg.model or str(self.run_dir / "init-model"),
+                           seed=cfg.seed, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                           sleep=cfg.vllm_sleep, replay=self.replay, cache=cfg.generation_cache,
+                           compile=cfg.compile_generation, **common)
 
     def _load_data(self):
         if self.cfg.data:

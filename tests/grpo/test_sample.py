@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-import grpo.evaluation
+import grpo.rollout
 import grpo.sft
 from grpo import data as data_mod
 from grpo.eval import main as eval_main
@@ -68,7 +68,7 @@ def test_sample_sft_eval_round_trip(tmp_path, monkeypatch, capsys):
     teacher = make_tiny(tmp_path / "teacher", hidden=32, layers=2, seed=1)
     # Record the prompts the teacher is sampled with and the pairs the student trains on.
     seen, trained = [], []
-    generate = grpo.evaluation.TransformersEngine.generate
+    generate = grpo.rollout.TransformersEngine.generate
 
     def recording_generate(self, prompts, *args, **kwargs):
         seen.extend(prompts)
@@ -80,7 +80,7 @@ def test_sample_sft_eval_round_trip(tmp_path, monkeypatch, capsys):
         trained.extend(pairs)
         return run_sft(model, tokenizer, pairs, **kwargs)
 
-    monkeypatch.setattr(grpo.evaluation.TransformersEngine, "generate", recording_generate)
+    monkeypatch.setattr(grpo.rollout.TransformersEngine, "generate", recording_generate)
     monkeypatch.setattr(grpo.sft, "run_sft", recording_run_sft)
     pairs = tmp_path / "pairs.jsonl"
     rc = sample_main(["--model", str(teacher), "--task-args", '{"operators": "+"}',
