@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -41,9 +42,27 @@ def init_from_env() -> bool:
     return True
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(*, wait_for_peers: bool) -> bool:
+    """Leave the process group; returns whether there was one. wait_for_peers (after a run that
+    finished on every rank): a barrier first, so no rank leaves while a peer still works (rank
+    0 writing the final model). After an error, leave at once: peers may never reach it."""
+    if not dist.is_initialized():
+        return False
+    if wait_for_peers:
+        dist.barrier()
+    dist.destroy_process_group()
+    return True
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a process that has left its process group, skipping the interpreter's and C++'s
+    teardown. Once FSDP2/DTensor have used a gloo group, torch (2.13) keeps it alive past
+    destroy_process_group and gc, threads and all; a normal exit with those threads up aborts
+    the process now and then ("terminate called without an active exception"), which
+    torchrun reports as a failed run."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def is_distributed() -> bool:

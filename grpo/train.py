@@ -17,19 +17,23 @@ from .trainer import GRPOTrainer
 
 
 def main(argv: list[str] | None = None) -> int:
+    finished = left_group = False
     try:
         config = parse_config(argv)
         trainer = GRPOTrainer(config)  # joins torchrun's process group, if any
         summary = trainer.train()
         main_process = distributed.is_main()
+        finished = True
     except (ValueError, RewardError) as e:  # bad input: a message, not a traceback
         print(f"grpo-train: error: {e}", file=sys.stderr)
         return 2
     finally:
-        distributed.shutdown()
+        left_group = distributed.shutdown(wait_for_peers=finished)
     if main_process:
         print(json.dumps(summary, indent=2))
         print(f"run directory: {trainer.run_dir}")
+    if left_group:  # under torchrun: see distributed.exit_process
+        distributed.exit_process(0)
     return 0
 
 

@@ -97,14 +97,18 @@ def main(argv: list[str]) -> None:
         return metrics
 
     trainer.step = recorded_step
+    finished = False
     try:
         trainer.train()
         if distributed.is_main():
             (Path(out) / "record.json").write_text(json.dumps(
                 {"steps": record, "syncs": trainer.engine.syncs, "greedy": greedy,
                  "world": distributed.world_size()}))
+        finished = True
     finally:
-        distributed.shutdown()
+        left_group = distributed.shutdown(wait_for_peers=finished)
+    if left_group:
+        distributed.exit_process(0)
 
 
 if __name__ == "__main__":
