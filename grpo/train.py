@@ -17,7 +17,7 @@ from .trainer import GRPOTrainer
 
 
 def main(argv: list[str] | None = None) -> int:
-    finished = left_group = False
+    finished = False
     try:
         config = parse_config(argv)
         trainer = GRPOTrainer(config)  # joins torchrun's process group, if any
