@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kernels import GRPOLossConfig
 from kernels.reference import IMPORTANCE_LEVELS, LOSS_TYPES, SAMPLER_CORRECTIONS, SCALES
 
 
@@ -74,18 +75,37 @@ class GRPOConfig:
     vllm_gpu_memory_utilization: float = _f(0.3, "vllm: share of GPU memory for weights and "
                                                  "KV cache (the trainer needs the rest)")
     vllm_sleep: bool = _f(False, "vllm: release its KV cache while the trainer updates")
-    # --- loss ---
+    # --- loss (TRL 1.16's GRPOConfig names and defaults; see kernels/reference.py) ---
     num_iterations: int = _f(1, "mu: optimizer steps on each batch (GRPO's inner iterations)")
-    beta: float = _f(0.0, "KL coefficient (k3) to the frozen reference model")
-    eps_low: float = _f(0.2, "lower clip range of the ratio")
-    eps_high: float = _f(0.2, "upper clip range (cispo: the cap of the ratio)")
-    delta: float = _f(None, "two-sided clipping: cap of the unclipped ratio")
-    loss_type: str = _f("dapo", "grpo, bnpo, dr_grpo, dapo, cispo", choices=LOSS_TYPES)
-    importance_level: str = _f("token", "token, or sequence (GSPO)", choices=IMPORTANCE_LEVELS)
+    beta: float = _f(None, "KL coefficient (k3) to the frozen reference model [0.0]")
+    use_bias_correction_kl: bool = _f(True, "multiply the per-token KL by the importance ratio "
+                                            "(DeepSeek-V3.2's unbiased KL gradient; TRL's "
+                                            "default)")
+    eps_low: float = _f(0.2, "lower clip range of the ratio (TRL: epsilon)")
+    eps_high: float = _f(None, "upper clip range (TRL: epsilon_high; cispo: the cap of the "
+                               "ratio; DAPO suggests 0.28, ScaleRL 5.0 for cispo) [eps_low]")
+    delta: float = _f(None, "two-sided clipping: cap of the unclipped ratio (INTELLECT-2)")
+    loss_type: str = _f(None, "grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo (as TRL) "
+                              "[dapo]", choices=LOSS_TYPES)
+    importance_level: str = _f("token", "token, or sequence (GSPO; TRL: "
+                                        "importance_sampling_level)", choices=IMPORTANCE_LEVELS)
+    sapo_temperature_pos: float = _f(1.0, "sapo: gate temperature for positive advantages")
+    sapo_temperature_neg: float = _f(1.05, "sapo: gate temperature for the others")
+    vespo_k_pos: float = _f(2.0, "vespo: power of the gamma weight, advantages >= 0")
+    vespo_lambda_pos: float = _f(3.0, "vespo: decay of the gamma weight, advantages >= 0")
+    vespo_k_neg: float = _f(3.0, "vespo: power of the gamma weight, advantages < 0")
+    vespo_lambda_neg: float = _f(2.0, "vespo: decay of the gamma weight, advantages < 0")
+    top_entropy_quantile: float = _f(1.0, "train only on the tokens whose entropy is in this top "
+                                          "quantile of the micro-batch's (0.2 in 'Beyond the "
+                                          "80/20 rule'; 1: all tokens)")
+    off_policy_mask_threshold: float = _f(None, "DeepSeek-V3.2's off-policy sequence mask: drop "
+                                                "negative-advantage sequences whose mean "
+                                                "sampler-vs-policy KL exceeds this (e.g. 0.5)")
     scale_rewards: str = _f("group", "advantage scaling: group, batch, none", choices=SCALES)
     mask_truncated_completions: bool = _f(False, "exclude completions without EOS from the loss")
     overlong_buffer: int = _f(0, "DAPO soft overlong punishment zone in tokens (0: off)")
-    entropy_coef: float = _f(0.0, "entropy bonus coefficient")
+    entropy_coef: float = _f(0.0, "entropy bonus: minus this times the micro-batch's token-mean "
+                                  "entropy, whatever the loss type (as TRL)")
     # --- optimisation ---
     steps: int = _f(None, "GRPO optimizer steps [200; 320 built-in]")
     learning_rate: float = _f(None, "peak learning rate [1e-6; 5e-5 built-in]")
@@ -144,6 +164,10 @@ class GRPOConfig:
             "sft_steps": 200 if tiny else 0,
             "sft_learning_rate": 3e-3 if tiny else 1e-5,
             "sampler_correction": "token_truncate" if self.rollout == "vllm" else "none",
+            # TRL's defaults; the embedded demo was tuned with exactly these, so they are
+            # pinned for it whatever the library defaults become.
+            "loss_type": "dapo",
+            "beta": 0.0,
         }
         for name, value in defaults.items():
             if getattr(self, name) is None:
@@ -161,8 +185,25 @@ class GRPOConfig:
             self.run_name = f"{source}-{model}-seed{self.seed}"
         if not self.output_dir:
             self.output_dir = str(Path("runs") / self.run_name)
+        if self.eps_high is None:
+            self.eps_high = self.eps_low
         self.validate()
         return self
+
+    def loss_config(self) -> GRPOLossConfig:
+        """The loss options of this run (validated there: bad values raise ValueError)."""
+        return GRPOLossConfig(
+            temperature=self.temperature, beta=self.beta, eps_low=self.eps_low,
+            eps_high=self.eps_high, delta=self.delta, loss_type=self.loss_type,
+            importance_level=self.importance_level,
+            max_completion_length=self.max_completion_length, entropy_coef=self.entropy_coef,
+            use_bias_correction_kl=self.use_bias_correction_kl,
+            sapo_temperature_pos=self.sapo_temperature_pos,
+            sapo_temperature_neg=self.sapo_temperature_neg, vespo_k_pos=self.vespo_k_pos,
+            vespo_lambda_pos=self.vespo_lambda_pos, vespo_k_neg=self.vespo_k_neg,
+            vespo_lambda_neg=self.vespo_lambda_neg,
+            top_entropy_quantile=self.top_entropy_quantile,
+            off_policy_mask_threshold=self.off_policy_mask_threshold)
 
     def validate(self) -> None:
         checks = [
@@ -196,6 +237,7 @@ class GRPOConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        self.loss_config()  # the loss options, checked where they are defined
         if self.model and not (Path(self.model) / "config.json").is_file():
             raise ValueError(f"model path {self.model!r} is not a directory with a config.json")
         if self.data and not Path(self.data).is_file():

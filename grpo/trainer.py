@@ -128,6 +128,7 @@ class GRPOTrainer:
             raise ValueError(error)
 
     def _select_kernels(self) -> None:
+        self.loss_config = self.cfg.loss_config()
         backend = self.cfg.kernel_backend
         fused = self.cfg.fused_loss
         if fused is None:
@@ -339,6 +340,7 @@ class GRPOTrainer:
                 old_logp, rollout.sampler_logp.to(old_logp.device), loss_mask.to(old_logp.device),
                 mode=self.cfg.sampler_correction, cap=self.cfg.sampler_correction_cap)
             extra = self._global_token_means(is_stats, loss_mask.sum())
+            is_weights = is_weights.to(self.device)
             if self.cfg.num_iterations == 1:
                 old_logp = None  # on-policy: the ratio is exactly 1, as without the correction
         t2 = time.perf_counter()
@@ -507,18 +509,25 @@ class GRPOTrainer:
     def accumulate_gradients(self, batch: Batch, loss_mask: torch.Tensor, old_logp,
                              ref_logp, is_weights: torch.Tensor | None = None) -> dict:
         """One pass of forward+backward over micro-batches; the accumulated gradient is that
-        of the whole batch in one call (per-micro-batch weights, global num_items).
-        is_weights (N, C): the sampler correction, multiplied into per-token advantages.
-        Returns the loss and token-weighted means of the loss statistics."""
+        of the whole batch in one call. The kernels normalise; this passes them the step's
+        counts (every rank's): tokens, sequences and micro-batches.
+        is_weights (N, C): the sampler correction on the policy term (TRL's
+        importance_sampling_ratio). Returns the loss and the means of the loss statistics
+        (token-weighted; the per-sequence extremes *_min / *_max as extremes)."""
         cfg, rollout = self.cfg, batch.rollout
-        # Sequences and tokens of the whole optimizer step, every rank's: the dapo/bnpo/cispo
-        # normaliser counts tokens after all masks.
-        n = int(dist_mod.all_reduce(len(rollout)))
-        num_items = dist_mod.all_reduce(loss_mask.sum()).clamp(min=1.0)
+        parts = self._micro_batches(len(rollout))
+        counts = dict(
+            num_sequences=int(dist_mod.all_reduce(len(rollout))),
+            num_items=dist_mod.all_reduce(loss_mask.sum()).clamp(min=1.0),
+            accumulation_steps=int(dist_mod.all_reduce(sum(real for _, real in parts))))
+        # The engine's own log-probs tell the off-policy mask how far the sampler was (TRL
+        # uses vLLM's); the transformers engine samples with the trainer's weights.
+        sampler_logp = rollout.sampler_logp.to(self.device) if cfg.rollout == "vllm" else None
         totals: dict[str, float] = {}
+        extremes: dict[str, list[float]] = {}
         tokens = 0.0
         self.model.train()
-        for rows, real in self._micro_batches(len(rollout)):
+        for rows, real in parts:
             if self.fused:  # the lm_head inside the loss: no (mb, C, V) logits
                 states, weight = self._forward_logits(self.model, rollout, rows,
                                                       hidden=True)
@@ -527,25 +536,17 @@ class GRPOTrainer:
                 loss_fn = functools.partial(self.loss_fn,
                                             self._forward_logits(self.model, rollout, rows))
             loss, stats = loss_fn(
-                rollout.completion_ids[rows],
-                batch.advantages[rows] if is_weights is None
-                else batch.advantages[rows, None] * is_weights[rows],
-                loss_mask[rows], None if old_logp is None else old_logp[rows],
-                None if ref_logp is None else ref_logp[rows],
-                temperature=cfg.temperature, beta=cfg.beta, eps_low=cfg.eps_low,
-                eps_high=cfg.eps_high, delta=cfg.delta, loss_type=cfg.loss_type,
-                importance_level=cfg.importance_level,
-                max_completion_length=cfg.max_completion_length, num_items=num_items,
-                entropy_coef=cfg.entropy_coef,
+                rollout.completion_ids[rows], batch.advantages[rows], loss_mask[rows],
+                None if old_logp is None else old_logp[rows],
+                None if ref_logp is None else ref_logp[rows], config=self.loss_config,
+                sampler_logp=None if sampler_logp is None else sampler_logp[rows],
+                importance_sampling_ratio=None if is_weights is None else is_weights[rows],
                 # The lm_head's backward does not need its output: on the GPU the
                 # gradient overwrites the logits instead of doubling their memory.
-                inplace=self.device.type == "cuda")
-            if cfg.loss_type in ("grpo", "dr_grpo"):
-                # These average over the micro-batch's sequences: weight by its share.
-                loss = loss * ((rows.stop - rows.start) / n)
+                inplace=self.device.type == "cuda", **counts)
             if cfg.router_aux_loss_coef > 0 and self._aux_loss is not None:
                 loss = loss + cfg.router_aux_loss_coef * self._aux_loss * \
-                    ((rows.stop - rows.start) / n)
+                    ((rows.stop - rows.start) / counts["num_sequences"])
             if self.world > 1:  # FSDP averages gradients over ranks; the loss is a sum
                 loss = loss * (self.world if real else 0.0)
             loss.backward()
@@ -558,13 +559,22 @@ class GRPOTrainer:
             tokens += weight
             totals["loss"] = totals.get("loss", 0.0) + loss.item()
             for key, value in stats.items():
-                totals[key] = totals.get(key, 0.0) + float(value) * weight
+                if key.endswith(("_min", "_max")):
+                    extremes.setdefault(key, []).append(float(value))
+                else:
+                    totals[key] = totals.get(key, 0.0) + float(value) * weight
         if self.world > 1:
             keys = sorted(totals)
             summed = dist_mod.all_reduce(torch.tensor([totals[k] for k in keys] + [tokens],
                                                       dtype=torch.float64)).tolist()
             totals, tokens = dict(zip(keys, summed[:-1], strict=True)), summed[-1]
-        return {k: (v if k == "loss" else v / max(tokens, 1.0)) for k, v in totals.items()}
+        means = {k: (v if k == "loss" else v / max(tokens, 1.0)) for k, v in totals.items()}
+        for key, values in sorted(extremes.items()):
+            pick = min if key.endswith("_min") else max
+            local = [v for v in values if v == v] or [float("nan")]
+            gathered = [v for v in dist_mod.all_gather_objects(pick(local)) if v == v]
+            means[key] = pick(gathered) if gathered else float("nan")
+        return means
 
     def _micro_batches(self, n: int) -> list[tuple[slice, bool]]:
         """(rows, real) of this rank's micro-batches, padded with zero-weight repeats of the

@@ -8,7 +8,8 @@ from .advantages import group_advantages
 from .grpo_loss import grpo_loss
 from .linear_grpo_loss import linear_grpo_loss, token_logprobs_from_hidden
 from .logprobs import token_logprobs
+from .loss_config import GRPOLossConfig
 from .moe import moe_experts
 
-__all__ = ["group_advantages", "grpo_loss", "linear_grpo_loss", "moe_experts", "token_logprobs",
-           "token_logprobs_from_hidden"]
+__all__ = ["GRPOLossConfig", "group_advantages", "grpo_loss", "linear_grpo_loss", "moe_experts",
+           "token_logprobs", "token_logprobs_from_hidden"]

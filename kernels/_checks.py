@@ -11,7 +11,8 @@ import os
 
 import torch
 
-from .reference import IMPORTANCE_LEVELS, LOSS_TYPES, SCALES
+from .loss_config import GRPOLossConfig
+from .reference import SCALES
 
 # triton.jit reads TRITON_INTERPRET when a kernel is decorated, so it is read once here too.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -81,45 +82,6 @@ def check_values(ids: torch.Tensor, vocab: int, finite: dict[str, torch.Tensor])
             raise ValueError(f"{name} contains NaN or inf")
 
 
-def check_loss_options(
-    *,
-    temperature: float,
-    beta: float,
-    ref_logp: torch.Tensor | None,
-    eps_low: float,
-    eps_high: float,
-    delta: float | None,
-    loss_type: str,
-    importance_level: str,
-    max_completion_length: int | None,
-    num_items: float | torch.Tensor | None,
-) -> None:
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
-    if importance_level not in IMPORTANCE_LEVELS:
-        raise ValueError(
-            f"unknown importance_level {importance_level!r}; expected one of {IMPORTANCE_LEVELS}"
-        )
-    if loss_type == "cispo" and importance_level != "token":
-        raise ValueError("loss_type='cispo' is token level only: use importance_level='token'")
-    if loss_type == "cispo" and delta is not None:
-        raise ValueError("loss_type='cispo' caps the ratio with eps_high; delta must be None")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if beta < 0:
-        raise ValueError(f"beta must be >= 0, got {beta}")
-    if beta > 0 and ref_logp is None:
-        raise ValueError(f"beta={beta} > 0 needs ref_logp (the reference model's log-probs)")
-    if eps_low < 0 or eps_high < 0:
-        raise ValueError(f"eps_low and eps_high must be >= 0, got {eps_low}, {eps_high}")
-    if delta is not None and not delta > 0:
-        raise ValueError(f"delta must be > 0 (or None), got {delta}")
-    if max_completion_length is not None and max_completion_length < 1:
-        raise ValueError(f"max_completion_length must be >= 1, got {max_completion_length}")
-    if num_items is not None and not float(num_items) > 0:
-        raise ValueError(f"num_items must be > 0, got {float(num_items)}")
-
-
 def check_loss_inputs(
     like: torch.Tensor,
     ids: torch.Tensor,
@@ -128,13 +90,22 @@ def check_loss_inputs(
     mask: torch.Tensor,
     old_logp: torch.Tensor | None,
     ref_logp: torch.Tensor | None,
-    **options,
+    cfg: GRPOLossConfig,
+    *,
+    sampler_logp: torch.Tensor | None = None,
+    importance_sampling_ratio: torch.Tensor | None = None,
+    num_items: float | torch.Tensor | None = None,
+    num_sequences: float | None = None,
+    accumulation_steps: int = 1,
 ) -> None:
     """The per-token and per-sequence inputs of a GRPO loss over `like` (B, T, ...) with
-    vocabulary `vocab`, and its options (see check_loss_options)."""
+    vocabulary `vocab`, and the counts of its normalisers (the options checked themselves
+    when the GRPOLossConfig was built)."""
     check_bt(mask, "mask", like)
     check_bt(old_logp, "old_logp", like)
     check_bt(ref_logp, "ref_logp", like)
+    check_bt(sampler_logp, "sampler_logp", like)
+    check_bt(importance_sampling_ratio, "importance_sampling_ratio", like)
     batch, seq_len = like.shape[0], like.shape[1]
     if not isinstance(advantages, torch.Tensor) or \
             tuple(advantages.shape) not in ((batch,), (batch, seq_len)):
@@ -144,8 +115,18 @@ def check_loss_inputs(
     if advantages.device != like.device:
         raise ValueError(f"advantages are on {advantages.device} but the inputs on "
                          f"{like.device}")
-    check_loss_options(ref_logp=ref_logp, **options)
-    check_values(ids, vocab, {"advantages": advantages})
+    if cfg.beta > 0 and ref_logp is None:
+        raise ValueError(f"beta={cfg.beta} > 0 needs ref_logp (the reference model's log-probs)")
+    if num_items is not None and not float(num_items) > 0:
+        raise ValueError(f"num_items must be > 0, got {float(num_items)}")
+    if num_sequences is not None and not float(num_sequences) > 0:
+        raise ValueError(f"num_sequences must be > 0, got {float(num_sequences)}")
+    if int(accumulation_steps) != accumulation_steps or accumulation_steps < 1:
+        raise ValueError(f"accumulation_steps must be an integer >= 1, got {accumulation_steps}")
+    finite = {"advantages": advantages}
+    if importance_sampling_ratio is not None:
+        finite["importance_sampling_ratio"] = importance_sampling_ratio
+    check_values(ids, vocab, finite)
 
 
 def token_advantages(advantages: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:

@@ -1,21 +1,26 @@
 """The GRPO loss with its gradient written in the forward pass.
 
 Shapes: logits (B, T, V) any float dtype with unit stride on V, logits[b, t] predicting
-ids[b, t] (B, T); advantages (B,), or per token (B, T); mask (B, T); old_logp and ref_logp
-(B, T) fp32.
-Semantics: kernels/reference.py (grpo_per_token_loss, aggregation_weights).
+ids[b, t] (B, T); advantages (B,), or per token (B, T); mask, old_logp, ref_logp, sampler_logp
+and importance_sampling_ratio (B, T) fp32.
+Semantics: kernels/reference.py (grpo_objective: TRL 1.16's GRPOTrainer._compute_loss);
+options: kernels/loss_config.py (GRPOLossConfig).
 
-The loss is a weighted sum of per-token terms whose weights (mask, normaliser, advantage)
-are known before the pass, so d loss / d logits is computed alongside the loss:
+The loss is a weighted sum of per-token terms; when every weight (mask, normaliser, advantage,
+sampler weight) is known before the pass (GRPOLossConfig.one_pass), d loss / d logits is
+computed alongside the loss:
 
-- importance_level="token": one kernel, one program per row. Sweep 1 reads the row for the
-  online logsumexp and entropy (loads marked evict_last so the row stays in L2); the
-  ratio, clipping, KL, entropy bonus and per-token loss follow in registers; sweep 2
-  re-reads the row (from L2 when it fits) and writes the gradient. Masked rows skip the
-  read and write zeros. HBM traffic: one read of the logits plus one write of the gradient.
-- importance_level="sequence" (GSPO): the ratio of a token needs its whole sequence, so a
-  log-prob pass comes first, the per-sequence maths runs on (B, T) tensors, and a gradient
-  pass follows: 3 passes over the logits in all.
+- One pass (token-level ratios; loss types grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo; the
+  bias-corrected KL; the entropy bonus): one kernel, one program per row. Sweep 1 reads the
+  row for the online logsumexp and entropy (loads marked evict_last so the row stays in L2);
+  the ratio, policy term, KL and their derivative in logp follow in registers; sweep 2
+  re-reads the row (from L2 when it fits) and writes the gradient. Masked rows skip the read
+  and write zeros. HBM traffic: one read of the logits plus one write of the gradient.
+- Two passes (sequence-level ratios (GSPO, LUSPO), VESPO's sequence weight, the off-policy
+  sequence mask, the top-entropy token mask): a token's loss needs its whole sequence's (or
+  the call's) log-probs or entropies, so a log-prob pass comes first, the objective runs on
+  (B, T) tensors with autograd (the reference's own code, so the two agree by construction),
+  and a gradient pass follows: 3 passes over the logits in all.
 - No gradient needed: only the log-prob pass, which reads the logits once.
 
 Backward only multiplies the stored gradient by grad_output (skipped when it is 1). With
@@ -46,16 +51,20 @@ from .logprobs import (
     logprobs_backward,
     logprobs_forward,
 )
+from .loss_config import GRPOLossConfig, resolve
+
+_POLICY_KINDS = {"cispo": 1, "sapo": 2}  # everything else one pass takes is the PPO clip: 0
 
 
 @triton.jit(do_not_specialize=["seq_len"])
-def _grpo_token_kernel(logits_ptr, grad_ptr, ids_ptr, adv_ptr, w_ptr, old_ptr, ref_ptr,
+def _grpo_token_kernel(logits_ptr, grad_ptr, ids_ptr, adv_ptr, w_ptr, old_ptr, ref_ptr, isr_ptr,
                        loss_ptr, logp_ptr, kl_ptr, ent_ptr, clip_ptr,
                        seq_len, V, stride_b, stride_t, stride_gb, stride_gt,
-                       scale, inv_temp, beta, eps_low, eps_high, delta, entropy_coef,
-                       HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, USE_DELTA: tl.constexpr,
-                       CISPO: tl.constexpr, ENTROPY_GRAD: tl.constexpr,
-                       BLOCK_V: tl.constexpr):
+                       scale, inv_temp, beta, eps_low, eps_high, delta, ent_scale,
+                       tau_pos, tau_neg,
+                       HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_ISR: tl.constexpr,
+                       USE_DELTA: tl.constexpr, POLICY: tl.constexpr, BIAS_KL: tl.constexpr,
+                       ENTROPY_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     b = row // seq_len
     t = row % seq_len
@@ -73,44 +82,61 @@ def _grpo_token_kernel(logits_ptr, grad_ptr, ids_ptr, adv_ptr, w_ptr, old_ptr, r
             ratio = tl.exp(logp - tl.load(old_ptr + row))
         else:
             ratio = tl.exp(logp - logp)  # on-policy: exactly 1, gradient still flows
-        if CISPO:
+        # d ratio / d logp = ratio; dlogp accumulates d loss_token / d logp.
+        clip_low = ratio < 0.0  # never: set by the PPO clip only
+        if POLICY == 1:  # cispo: -sg(min(r, eps_high)) A logp
             capped = tl.minimum(ratio, eps_high)
             loss = -capped * adv * logp
             dlogp = -capped * adv
-            clip_low = ratio < 0.0  # never: the ratio is positive
             clip_high = (ratio > eps_high) & (adv > 0)
-        else:
+        elif POLICY == 2:  # sapo: -sigmoid(tau (r - 1)) 4 / tau A
+            tau = tl.where(adv > 0, tau_pos, tau_neg)
+            gate = tl.sigmoid(tau * (ratio - 1.0))
+            loss = -gate * 4.0 / tau * adv
+            dlogp = -4.0 * adv * gate * (1.0 - gate) * ratio
+            clip_high = clip_low
+        else:  # PPO clip, r' = min(r, delta) when delta is set
             lo = 1.0 - eps_low
             hi = 1.0 + eps_high
             in_range = (ratio >= lo) & (ratio <= hi)
             if USE_DELTA:
-                term1 = tl.minimum(ratio, delta) * adv
+                coef = tl.minimum(ratio, delta)
                 d1 = tl.where(ratio <= delta, -adv * ratio, 0.0)
             else:
-                term1 = ratio * adv
+                coef = ratio
                 d1 = -adv * ratio
+            term1 = coef * adv
             term2 = tl.minimum(tl.maximum(ratio, lo), hi) * adv
             d2 = tl.where(in_range, -adv * ratio, 0.0)
             loss = -tl.minimum(term1, term2)
             # torch.min's gradient: to the smaller side, split evenly on a tie.
             dlogp = tl.where(term1 < term2, d1, tl.where(term1 > term2, d2, 0.5 * (d1 + d2)))
-            clip_low = (ratio < lo) & (adv < 0)
-            clip_high = (ratio > hi) & (adv > 0)
+            clip_low = (coef < lo) & (adv < 0)
+            clip_high = (coef > hi) & (adv > 0)
+        if HAS_ISR:  # the sampler correction weighs the policy term, not the KL
+            isr = tl.load(isr_ptr + row)
+            loss = loss * isr
+            dlogp = dlogp * isr
         kl = tl.zeros_like(logp)
         if HAS_REF:
             diff = tl.load(ref_ptr + row) - logp
             ediff = tl.exp(diff)
-            kl = ediff - diff - 1.0
+            k3 = ediff - diff - 1.0
+            if BIAS_KL:  # k3 * r with the ratio's gradient too
+                kl = k3 * ratio
+                dkl = (1.0 - ediff) * ratio + k3 * ratio
+            else:
+                kl = k3
+                dkl = 1.0 - ediff
             loss += beta * kl
-            dlogp += beta * (1.0 - ediff)
-        loss -= entropy_coef * ent
+            dlogp += beta * dkl
         tl.store(loss_ptr + row, loss)
         tl.store(logp_ptr + row, logp)
         tl.store(kl_ptr + row, kl)
         tl.store(ent_ptr + row, ent)
         tl.store(clip_ptr + row, clip_low.to(tl.int8) + 2 * clip_high.to(tl.int8))
         _logp_entropy_grad_sweep(row_ptr, grad_row_ptr, idx, V, lse2, ent, w * dlogp,
-                                 -w * entropy_coef, scale, inv_temp, BLOCK_V, ENTROPY_GRAD,
+                                 -ent_scale, scale, inv_temp, BLOCK_V, ENTROPY_GRAD,
                                  "evict_first")
     else:
         tl.store(loss_ptr + row, 0.0)
@@ -121,6 +147,10 @@ def _grpo_token_kernel(logits_ptr, grad_ptr, ids_ptr, adv_ptr, w_ptr, old_ptr, r
         _zero_row(grad_row_ptr, V, BLOCK_V)
 
 
+def _flat(t: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
+    return t.float().reshape(-1).contiguous() if t is not None else fallback
+
+
 def _token_level_fused(
     logits: torch.Tensor,
     ids: torch.Tensor,
@@ -128,17 +158,14 @@ def _token_level_fused(
     weights: torch.Tensor,
     old_logp: torch.Tensor | None,
     ref_logp: torch.Tensor | None,
+    isr: torch.Tensor | None,
     grad: torch.Tensor,
-    *,
-    temperature: float,
-    beta: float,
-    eps_low: float,
-    eps_high: float,
-    delta: float | None,
-    loss_type: str,
-    entropy_coef: float,
+    cfg: GRPOLossConfig,
+    ent_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Launch the fused kernel. -> per-token loss, logp, entropy (B, T) and the stat terms."""
+    """Launch the one-pass kernel (cfg.one_pass must hold). ent_scale: d loss / d entropy of
+    each loss token (the entropy bonus). -> per-token loss without the bonus, logp, entropy
+    (B, T) and the stat terms."""
     batch, seq_len, vocab = logits.shape
     n_rows = batch * seq_len
     dev = logits.device
@@ -146,24 +173,32 @@ def _token_level_fused(
     per_token, logp, kl, ent = outs
     clip = torch.empty(n_rows, device=dev, dtype=torch.int8)
     w = weights.reshape(-1).contiguous()  # (N,)
-    old = old_logp.float().reshape(-1).contiguous() if old_logp is not None else w
-    ref = ref_logp.float().reshape(-1).contiguous() if ref_logp is not None else w
     block, warps = row_config(vocab, dev)
     _grpo_token_kernel[(n_rows,)](
         logits, grad, ids.reshape(-1).long().contiguous(),
         token_advantages(advantages, batch, seq_len), w,
-        old, ref, per_token, logp, kl, ent, clip,
+        _flat(old_logp, w), _flat(ref_logp, w), _flat(isr, w), per_token, logp, kl, ent, clip,
         seq_len, vocab, logits.stride(0), logits.stride(1), grad.stride(0), grad.stride(1),
-        LOG2E / temperature, 1.0 / temperature, float(beta), float(eps_low), float(eps_high),
-        float(delta) if delta is not None else 0.0, float(entropy_coef),
-        HAS_OLD=old_logp is not None, HAS_REF=ref_logp is not None,
-        USE_DELTA=delta is not None, CISPO=loss_type == "cispo",
-        ENTROPY_GRAD=entropy_coef != 0.0, BLOCK_V=block, num_warps=warps,
+        LOG2E / cfg.temperature, 1.0 / cfg.temperature, float(cfg.beta), float(cfg.eps_low),
+        float(cfg.eps_high), float(cfg.delta) if cfg.delta is not None else 0.0,
+        float(ent_scale), float(cfg.sapo_temperature_pos), float(cfg.sapo_temperature_neg),
+        HAS_OLD=old_logp is not None, HAS_REF=ref_logp is not None, HAS_ISR=isr is not None,
+        USE_DELTA=cfg.delta is not None, POLICY=_POLICY_KINDS.get(cfg.loss_type, 0),
+        BIAS_KL=cfg.use_bias_correction_kl, ENTROPY_GRAD=ent_scale != 0.0, BLOCK_V=block,
+        num_warps=warps,
     )
     shape = (batch, seq_len)
     terms = {"kl": kl.view(shape), "clip_low": (clip & 1).bool().view(shape),
-             "clip_high": (clip & 2).bool().view(shape)}
+             "clip_high": (clip & 2).bool().view(shape), "phi": None}
     return per_token.view(shape), logp.view(shape), ent.view(shape), terms
+
+
+def entropy_scale(cfg: GRPOLossConfig, mask: torch.Tensor, accumulation_steps: int) -> float:
+    """d loss / d entropy of each loss token under TRL's entropy bonus (one-pass configs:
+    every loss token is in the bonus)."""
+    if cfg.entropy_coef == 0.0:
+        return 0.0
+    return cfg.entropy_coef / (max(float(mask.float().sum()), 1.0) * accumulation_steps)
 
 
 class _LossWithGrad(torch.autograd.Function):
@@ -196,69 +231,64 @@ def grpo_loss(
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     *,
-    temperature: float = 1.0,
-    beta: float = 0.0,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    delta: float | None = None,
-    loss_type: str = "grpo",
-    importance_level: str = "token",
-    max_completion_length: int | None = None,
+    config: GRPOLossConfig | None = None,
+    sampler_logp: torch.Tensor | None = None,
+    importance_sampling_ratio: torch.Tensor | None = None,
     num_items: float | torch.Tensor | None = None,
-    entropy_coef: float = 0.0,
+    num_sequences: float | None = None,
+    accumulation_steps: int = 1,
     inplace: bool = False,
+    **options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO loss (0-dim fp32, with gradient to logits) and stats (dict of 0-dim fp32).
 
     logits (B, T, V) predict ids (B, T); advantages (B,) or per token (B, T); mask (B, T) of
-    0/1 (any dtype).
-    old_logp (B, T) or None for on-policy (ratio 1); ref_logp (B, T), needed when beta > 0.
-    loss_type: grpo | bnpo | dr_grpo | dapo | cispo; importance_level: token | sequence.
-    num_items: the dapo/bnpo/cispo normaliser (default: sum of this call's mask).
+    0/1 (any dtype); old_logp (B, T) or None for on-policy (ratio 1); ref_logp (B, T), needed
+    when beta > 0; sampler_logp (B, T) for the off-policy mask (default old_logp);
+    importance_sampling_ratio (B, T): the sampler correction on the policy term.
+    config: a GRPOLossConfig; its fields may also be given (or overridden) as keywords.
+    Counts for the normalisers (see reference.aggregation_weights): num_items (tokens of the
+    optimizer step), num_sequences (its sequences), accumulation_steps (its micro-batches).
     inplace=True writes the gradient over the logits (they must not be used afterwards).
-    Stats: kl, clip_low, clip_high, clip_region, entropy, logp_mean (masked token means).
+    Stats: reference.stat_names(loss_type, importance_level), TRL's names and meanings.
     """
+    cfg = resolve(config, options)
     check_logits_ids(logits, ids)
-    check_loss_inputs(
-        logits, ids, logits.shape[-1], advantages, mask, old_logp, ref_logp,
-        temperature=temperature, beta=beta, eps_low=eps_low, eps_high=eps_high, delta=delta,
-        loss_type=loss_type, importance_level=importance_level,
-        max_completion_length=max_completion_length, num_items=num_items,
-    )
-    ref_logp = ref_logp if beta > 0 else None
-    options = dict(beta=beta, eps_low=eps_low, eps_high=eps_high, delta=delta,
-                   loss_type=loss_type, entropy_coef=entropy_coef)
+    counts = dict(num_items=num_items, num_sequences=num_sequences,
+                  accumulation_steps=accumulation_steps)
+    check_loss_inputs(logits, ids, logits.shape[-1], advantages, mask, old_logp, ref_logp, cfg,
+                      sampler_logp=sampler_logp,
+                      importance_sampling_ratio=importance_sampling_ratio, **counts)
+    ref_logp = ref_logp if cfg.beta > 0 else None
+    tensors = dict(sampler_logp=sampler_logp, importance_sampling_ratio=importance_sampling_ratio)
     if not use_triton(logits):
-        return reference.grpo_loss_ref(
-            logits, ids, advantages, mask, old_logp, ref_logp, temperature=temperature,
-            importance_level=importance_level, max_completion_length=max_completion_length,
-            num_items=num_items, **options,
-        )
+        return reference.grpo_loss_ref(logits, ids, advantages, mask, old_logp, ref_logp,
+                                       config=cfg, **tensors, **counts)
 
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
-    weights = reference.aggregation_weights(mask, loss_type, max_completion_length, num_items)
     grad = None
     with torch.no_grad():
         if needs_grad:
             # detach(): the same storage, but a tensor autograd may take over as .grad.
             grad = logits.detach() if inplace else torch.empty(logits.shape, dtype=logits.dtype,
                                                       device=logits.device)
-        if needs_grad and importance_level == "token":
+        if needs_grad and cfg.one_pass:
+            weights = reference.aggregation_weights(
+                mask, cfg.loss_type, max_completion_length=cfg.max_completion_length, **counts)
+            ent_scale = entropy_scale(cfg, mask, accumulation_steps)
             per_token, logp, ent, terms = _token_level_fused(
-                logits.detach(), ids, advantages, weights, old_logp, ref_logp, grad,
-                temperature=temperature, **options,
-            )
+                logits.detach(), ids, advantages, weights, old_logp, ref_logp,
+                importance_sampling_ratio, grad, cfg, ent_scale)
+            loss = (per_token * weights).sum() - ent_scale * (ent * mask.float()).sum()
         else:
-            logp, lse2, ent = logprobs_forward(logits.detach(), ids, temperature, True)
-            per_token, terms, grad_logp, grad_ent = _per_token_from_logp(
-                logp, ent, advantages, mask, old_logp, ref_logp, weights, needs_grad,
-                importance_level=importance_level, **options,
-            )
+            logp, lse2, ent = logprobs_forward(logits.detach(), ids, cfg.temperature, True)
+            loss, terms, grad_logp, grad_ent = objective_from_logp(
+                logp, ent, advantages, mask, old_logp, ref_logp, needs_grad, cfg, **tensors,
+                **counts)
             if needs_grad:
                 logprobs_backward(logits.detach(), ids, lse2, ent, grad_logp, grad_ent,
-                                  temperature, grad)
-        loss = (per_token * weights).sum()
-        stats = reference.grpo_stats(terms, logp, ent, mask)
+                                  cfg.temperature, grad)
+        stats = reference.grpo_stats(cfg, terms, logp, ent, mask)
     if not needs_grad:
         return loss, stats
     if inplace and hasattr(torch.autograd.graph, "increment_version"):
@@ -266,31 +296,30 @@ def grpo_loss(
     return _LossWithGrad.apply(logits, loss, grad), stats
 
 
-def _per_token_from_logp(
+def objective_from_logp(
     logp: torch.Tensor,
     ent: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     old_logp: torch.Tensor | None,
     ref_logp: torch.Tensor | None,
-    weights: torch.Tensor,
     needs_grad: bool,
-    **options,
+    cfg: GRPOLossConfig,
+    **rest,
 ) -> tuple[torch.Tensor, dict, torch.Tensor | None, torch.Tensor | None]:
-    """The per-token maths on (B, T) log-probs, as the reference defines it; with needs_grad
-    also d loss / d logp and d loss / d entropy (None when the entropy bonus is off)."""
+    """reference.grpo_objective on (B, T) log-probs and entropies; with needs_grad also
+    d loss / d logp and d loss / d entropy (None when the loss does not depend on it)."""
     if not needs_grad:
-        per_token, terms = reference.grpo_per_token_loss(
-            logp, ent, advantages, mask, old_logp, ref_logp, **options
-        )
-        return per_token, terms, None, None
+        loss, terms = reference.grpo_objective(logp, ent, advantages, mask, old_logp, ref_logp,
+                                               config=cfg, **rest)
+        return loss, terms, None, None
     with torch.enable_grad():
         logp_leaf = logp.detach().requires_grad_()
         ent_leaf = ent.detach().requires_grad_()
-        per_token, terms = reference.grpo_per_token_loss(
-            logp_leaf, ent_leaf, advantages, mask, old_logp, ref_logp, **options
-        )
-        grad_logp, grad_ent = torch.autograd.grad(
-            (per_token * weights).sum(), (logp_leaf, ent_leaf), allow_unused=True
-        )
-    return per_token.detach(), terms, grad_logp, grad_ent
+        loss, terms = reference.grpo_objective(logp_leaf, ent_leaf, advantages, mask, old_logp,
+                                               ref_logp, config=cfg, **rest)
+        grad_logp, grad_ent = torch.autograd.grad(loss, (logp_leaf, ent_leaf),
+                                                  allow_unused=True)
+    if grad_logp is None:
+        grad_logp = torch.zeros_like(logp)
+    return loss.detach(), terms, grad_logp, grad_ent

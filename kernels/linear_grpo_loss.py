@@ -5,13 +5,14 @@ Shapes: hidden (B, T, H); weight (V, H), the lm_head; ids (B, T); advantages (B,
 mask, old_logp, ref_logp (B, T). Semantics: those of grpo_loss / token_logprobs on the logits
 hidden @ weight.T (kernels/reference.py).
 
-Tokens are processed in chunks of rows. Token level, per chunk: logits = h @ W^T (one GEMM),
-the fused GRPO kernel turns them in place into d loss / d logits, then d h = g @ W and
-d W += g^T h (fp32 accumulator): 6 N H V FLOPs in all, no recomputed GEMM, gradients
-computed in the forward and only scaled in backward. Sequence level (GSPO) needs every
-token's log-prob before any gradient: a first sweep of chunks computes log-probs, the
-per-sequence maths runs on (B, T), and a second sweep recomputes each chunk's logits for its
-gradient. Peak extra memory: one chunk's logits and the weight-gradient accumulator.
+Tokens are processed in chunks of rows. One-pass options (GRPOLossConfig.one_pass), per chunk:
+logits = h @ W^T (one GEMM), the fused GRPO kernel turns them in place into d loss / d logits,
+then d h = g @ W and d W += g^T h (fp32 accumulator): 6 N H V FLOPs in all, no recomputed GEMM,
+gradients computed in the forward and only scaled in backward. The others (sequence-level
+ratios, VESPO, the off-policy mask, the entropy quantile) need every token's log-prob before
+any gradient: a first sweep of chunks computes log-probs and entropies, the objective runs on
+(B, T), and a second sweep recomputes each chunk's logits for its gradient (8 N H V FLOPs).
+Peak extra memory: one chunk's logits and the weight-gradient accumulator.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from ._checks import (
     token_advantages,
     use_triton,
 )
-from .grpo_loss import _per_token_from_logp, _token_level_fused
+from .grpo_loss import _token_level_fused, entropy_scale, objective_from_logp
 from .logprobs import logprobs_backward, logprobs_forward
+from .loss_config import GRPOLossConfig, resolve
 
 _CHUNK_BYTES = 256 * 2**20  # logits of one chunk
 
@@ -125,46 +127,40 @@ def linear_grpo_loss(
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     *,
-    temperature: float = 1.0,
-    beta: float = 0.0,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    delta: float | None = None,
-    loss_type: str = "grpo",
-    importance_level: str = "token",
-    max_completion_length: int | None = None,
+    config: GRPOLossConfig | None = None,
+    sampler_logp: torch.Tensor | None = None,
+    importance_sampling_ratio: torch.Tensor | None = None,
     num_items: float | torch.Tensor | None = None,
-    entropy_coef: float = 0.0,
+    num_sequences: float | None = None,
+    accumulation_steps: int = 1,
     inplace: bool = True,
     chunk_size: int | None = None,
     logits_fp32: bool = False,
+    **options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """grpo_loss on hidden @ weight.T without materialising the logits: (loss, stats), with
-    gradients to hidden and weight. `inplace` is accepted for parity (chunks are always
-    reused in place); `logits_fp32` computes the lm_head in fp32."""
+    gradients to hidden and weight. Same options and counts as grpo_loss; `inplace` is
+    accepted for parity (chunks are always reused in place); `logits_fp32` computes the
+    lm_head in fp32."""
     del inplace
+    cfg = resolve(config, options)
     _check(hidden, weight, ids)
-    check_loss_inputs(
-        hidden, ids, weight.shape[0], advantages, mask, old_logp, ref_logp,
-        temperature=temperature, beta=beta, eps_low=eps_low, eps_high=eps_high, delta=delta,
-        loss_type=loss_type, importance_level=importance_level,
-        max_completion_length=max_completion_length, num_items=num_items,
-    )
-    ref_logp = ref_logp if beta > 0 else None
-    options = dict(beta=beta, eps_low=eps_low, eps_high=eps_high, delta=delta,
-                   loss_type=loss_type, entropy_coef=entropy_coef)
+    counts = dict(num_items=num_items, num_sequences=num_sequences,
+                  accumulation_steps=accumulation_steps)
+    check_loss_inputs(hidden, ids, weight.shape[0], advantages, mask, old_logp, ref_logp, cfg,
+                      sampler_logp=sampler_logp,
+                      importance_sampling_ratio=importance_sampling_ratio, **counts)
+    ref_logp = ref_logp if cfg.beta > 0 else None
+    tensors = dict(sampler_logp=sampler_logp, importance_sampling_ratio=importance_sampling_ratio)
     if not use_triton(hidden):
         logits = _logits(hidden, weight, logits_fp32)
-        return reference.grpo_loss_ref(
-            logits, ids, advantages, mask, old_logp, ref_logp, temperature=temperature,
-            importance_level=importance_level, max_completion_length=max_completion_length,
-            num_items=num_items, **options)
+        return reference.grpo_loss_ref(logits, ids, advantages, mask, old_logp, ref_logp,
+                                       config=cfg, **tensors, **counts)
 
     batch, seq_len, width = hidden.shape
     n_rows = batch * seq_len
     flat_h, flat_ids = hidden.detach().reshape(n_rows, width), ids.reshape(n_rows, 1)
     w_det = weight.detach()
-    weights = reference.aggregation_weights(mask, loss_type, max_completion_length, num_items)
     step = _chunk_rows(n_rows, weight.shape[0], hidden.device, chunk_size)
     grad_on = torch.is_grad_enabled()
     need_h = grad_on and hidden.requires_grad
@@ -187,39 +183,44 @@ def linear_grpo_loss(
 
     adv_tok = token_advantages(advantages, batch, seq_len)  # (N,)
     with torch.no_grad():
-        if (need_h or need_w) and importance_level == "token":
+        if (need_h or need_w) and cfg.one_pass:
+            weights = reference.aggregation_weights(
+                mask, cfg.loss_type, max_completion_length=cfg.max_completion_length, **counts)
+            ent_scale = entropy_scale(cfg, mask, accumulation_steps)
+            isr = flat(importance_sampling_ratio)
             outs = []
             for rows in chunks:
                 logits = _logits(flat_h[rows], w_det, logits_fp32)[:, None]  # (c, 1, V)
                 outs.append(_token_level_fused(
                     logits, flat_ids[rows], adv_tok[rows], weights.reshape(n_rows, 1)[rows],
                     None if old_logp is None else flat(old_logp)[rows],
-                    None if ref_logp is None else flat(ref_logp)[rows], logits,
-                    temperature=temperature, **options))
+                    None if ref_logp is None else flat(ref_logp)[rows],
+                    None if isr is None else isr[rows], logits, cfg, ent_scale))
                 backprop(rows, logits[:, 0])
             per_token = torch.cat([o[0] for o in outs]).view(batch, seq_len)
             logp = torch.cat([o[1] for o in outs]).view(batch, seq_len)
             ent = torch.cat([o[2] for o in outs]).view(batch, seq_len)
             terms = {k: torch.cat([o[3][k] for o in outs]).view(batch, seq_len)
-                     for k in outs[0][3]}
+                     for k in ("kl", "clip_low", "clip_high")}
+            terms["phi"] = None
+            loss = (per_token * weights).sum() - ent_scale * (ent * mask.float()).sum()
         else:
             firsts = [logprobs_forward(_logits(flat_h[rows], w_det, logits_fp32)[:, None],
-                                       flat_ids[rows], temperature, True) for rows in chunks]
+                                       flat_ids[rows], cfg.temperature, True) for rows in chunks]
             logp = torch.cat([f[0] for f in firsts]).view(batch, seq_len)
             lse2 = torch.cat([f[1] for f in firsts]).view(n_rows, 1)
             ent = torch.cat([f[2] for f in firsts]).view(batch, seq_len)
-            per_token, terms, g, h = _per_token_from_logp(
-                logp, ent, advantages, mask, old_logp, ref_logp, weights, need_h or need_w,
-                importance_level=importance_level, **options)
+            loss, terms, g, h = objective_from_logp(
+                logp, ent, advantages, mask, old_logp, ref_logp, need_h or need_w, cfg,
+                **tensors, **counts)
             if need_h or need_w:
                 for rows in chunks:  # second sweep: the logits again, then their gradient
                     logits = _logits(flat_h[rows], w_det, logits_fp32)[:, None]
                     logprobs_backward(logits, flat_ids[rows], lse2[rows], flat(ent)[rows],
                                       flat(g)[rows], None if h is None else flat(h)[rows],
-                                      temperature, logits)
+                                      cfg.temperature, logits)
                     backprop(rows, logits[:, 0])
-        loss = (per_token * weights).sum()
-        stats = reference.grpo_stats(terms, logp, ent, mask)
+        stats = reference.grpo_stats(cfg, terms, logp, ent, mask)
     if not (need_h or need_w):
         return loss, stats
     d_h = None if d_hidden is None else d_hidden.view_as(hidden)

@@ -1,31 +1,55 @@
 """Plain-PyTorch references: the specification of every op in `kernels`.
 
-Read this file as the definition of GRPO's per-token maths. Every function computes in fp32
-whatever the input dtype, keeps autograd intact where a gradient exists, and favours clarity
-over speed. The Triton kernels are tested against these functions.
+Read this file as the definition of GRPO's maths. Every function computes in fp32 whatever the
+input dtype, keeps autograd intact where a gradient exists, and favours clarity over speed.
+The Triton kernels are tested against these functions, and these against TRL 1.16 itself
+(tests/kernels/test_trl_parity.py): `grpo_objective` is TRL's `GRPOTrainer._compute_loss`.
 
-Conventions follow TRL's GRPOTrainer:
+Per token, with m the completion mask, A the advantage and sg() stop-gradient:
     z       = logits / temperature                                  # (B, T, V)
     logp    = z[id] - logsumexp(z)                                  # (B, T)
     r       = exp(logp - old_logp)        (old_logp None: on-policy, r == 1 but with gradient)
-    PPO:    l = -min(r' * A, clamp(r, 1 - eps_low, 1 + eps_high) * A),  r' = min(r, delta)
-    CISPO:  l = -sg(min(r, eps_high)) * A * logp
-    GSPO:   r -> s_bt = sg(s_b) * exp(logp - sg(logp)),  s_b = exp(sum_t m (logp - old) / len_b)
-    KL k3:  l += beta * (exp(ref - logp) - (ref - logp) - 1)
-    bonus:  l -= entropy_coef * H_t
-and the loss aggregates the masked per-token `l` by `loss_type` (see `aggregation_weights`).
+    sequence level (GSPO): r -> s_b = exp(sum_t m (logp - old_logp) / len_b),
+                           len_b = max(sum_t m, 1)
+The policy term l_pg by loss_type (see `policy_loss`), times the off-policy sequence mask, the
+high-entropy token mask and the sampler's importance weights when enabled, plus the KL:
+    l = l_pg + beta * k3 * (r if use_bias_correction_kl),  k3 = exp(ref - logp) - (ref - logp) - 1
+aggregated by loss_type (see `aggregation_weights`), minus the entropy bonus
+    entropy_coef * (token mean of the entropy over the call's loss tokens) / accumulation_steps.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
-IMPORTANCE_LEVELS = ("token", "sequence")
+from .loss_config import IMPORTANCE_LEVELS, LOSS_TYPES, GRPOLossConfig, resolve
+
+__all__ = ["IMPORTANCE_LEVELS", "LOSS_TYPES", "GRPOLossConfig"]
+
 SCALES = ("group", "batch", "none")
-STAT_NAMES = ("kl", "clip_low", "clip_high", "clip_region", "entropy", "logp_mean")
+PPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # the clipped surrogate
+CLIP_STATS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+              "clip_ratio/low_min", "clip_ratio/high_max")
 SAMPLER_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate",
                        "sequence_mask")
+
+
+def stat_names(loss_type: str, importance_level: str = "token") -> tuple[str, ...]:
+    """The statistics a loss call returns: TRL's names (kl, entropy, clip_ratio/*,
+    cispo_clip_ratio, vespo/phi_seq_mean) and our logp_mean. At sequence level TRL's clip
+    ratios are shares of sequences; the *_tokens variants give the shares of tokens."""
+    names = ["kl", "entropy", "logp_mean"]
+    if loss_type in PPO_LOSS_TYPES:
+        names += CLIP_STATS
+        if importance_level == "sequence":
+            names += [f"{n}_tokens" for n in CLIP_STATS[:3]]
+    elif loss_type == "cispo":
+        names.append("cispo_clip_ratio")
+    elif loss_type == "vespo":
+        names.append("vespo/phi_seq_mean")
+    return tuple(names)
 
 
 def _log_softmax_and_entropy(
@@ -64,27 +88,133 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def aggregation_weights(
     mask: torch.Tensor,
     loss_type: str,
+    *,
     max_completion_length: int | None = None,
     num_items: float | torch.Tensor | None = None,
+    num_sequences: float | None = None,
+    accumulation_steps: int = 1,
 ) -> torch.Tensor:
-    """Weight w (B, T) of each token's loss, so that loss = sum(w * l).
+    """Weight w (B, T) of each token's loss l, so that the call's loss is sum(w * l) (before
+    the entropy bonus). With S = num_sequences (default B * accumulation_steps), N = num_items
+    (default max(sum m, 1) * accumulation_steps), len_b = max(sum_t m, 1):
 
-    grpo:               m / (len_b * B), len_b = max(sum_t m, 1)   (mean of sequence means)
-    dr_grpo:            m / (B * max_completion_length)           (default T)
-    bnpo, dapo, cispo:  m / num_items                             (default max(sum m, 1))
+    grpo, sapo:          m / (len_b * S)       mean of sequence means (GRPO, arXiv:2402.03300)
+    bnpo:                m / (max(sum m, 1) * accumulation_steps)   the call's own token mean
+    dr_grpo:             m / (S * max_completion_length)   (Dr. GRPO, arXiv:2503.20783)
+    dapo, cispo, vespo:  m / N                 token mean over the optimizer step (DAPO)
+    luspo:               m / S                 sequence sums (LUSPO, arXiv:2602.05261)
+
+    TRL divides each micro-batch's grpo/sapo/bnpo/dr_grpo/luspo loss by the accumulation steps,
+    which is what the defaults of S give; a caller whose micro-batches differ in size passes
+    the step's S so that every sequence weighs the same.
     """
     m = mask.float()  # (B, T)
     batch, seq_len = m.shape
-    if loss_type == "grpo":
-        return m / (m.sum(-1, keepdim=True).clamp(min=1.0) * batch)
+    acc = float(accumulation_steps)
+    seqs = float(num_sequences) if num_sequences is not None else batch * acc
+    if loss_type in ("grpo", "sapo"):
+        return m / (m.sum(-1, keepdim=True).clamp(min=1.0) * seqs)
+    if loss_type == "bnpo":
+        return m / (m.sum().clamp(min=1.0) * acc)
     if loss_type == "dr_grpo":
-        return m / (batch * (max_completion_length or seq_len))
+        return m / (seqs * (max_completion_length or seq_len))
+    if loss_type == "luspo":
+        return m / seqs
     if num_items is None:
-        num_items = m.sum().clamp(min=1.0)
-    return m / num_items
+        num_items = m.sum().clamp(min=1.0) * acc
+    return m / torch.as_tensor(num_items, dtype=torch.float32, device=m.device).clamp(min=1.0)
 
 
-def grpo_per_token_loss(
+def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
+    """TRL's top_entropy_quantile (Beyond the 80/20 rule, arXiv:2506.01939): the loss tokens
+    whose entropy is >= the (1 - quantile) quantile of the call's loss-token entropies
+    (B, T) bool. quantile 0 keeps the highest-entropy token(s) only."""
+    tokens = entropy.detach().float()[mask.bool()]
+    if tokens.numel() == 0:
+        return torch.zeros_like(mask, dtype=torch.bool)
+    threshold = torch.quantile(tokens, 1.0 - quantile)
+    return ((entropy.detach().float() * mask.float()) >= threshold) & mask.bool()
+
+
+def off_policy_mask(
+    advantages: torch.Tensor,
+    logp: torch.Tensor,
+    sampler_logp: torch.Tensor,
+    mask: torch.Tensor,
+    threshold: float,
+) -> torch.Tensor:
+    """DeepSeek-V3.2's off-policy sequence mask (arXiv:2512.02556, eq. 9), as TRL: keep a
+    sequence unless its advantage is negative and its mean sampler-vs-current KL estimate
+    sum_t m (sampler_logp - logp) / len_b exceeds threshold. advantages (B, 1) or (B, T);
+    returns 0/1 of the same shape. A NaN sampler log-prob (unknown) counts as no drift."""
+    m = mask.float()
+    drift = torch.nan_to_num(sampler_logp.float() - logp.detach(), nan=0.0)  # (B, T)
+    mean_drift = (drift * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+    return ((advantages >= 0) | (mean_drift <= threshold)).float()
+
+
+def vespo_weights(
+    advantages: torch.Tensor,
+    log_ratio: torch.Tensor,
+    mask: torch.Tensor,
+    importance_sampling_ratio: torch.Tensor | None,
+    cfg: GRPOLossConfig,
+) -> torch.Tensor:
+    """VESPO's gamma weight (arXiv:2602.10693) of each sequence, detached, as TRL:
+    phi(w) = exp(lambda + k log w - lambda w), w = exp(sum_t m log r_t) (times the sampler's
+    importance ratios), k and lambda by the sign of A (>= 0: the _pos pair); log w is clamped
+    to [log 1e-8, 20]."""
+    lower = math.log(1e-8)
+    m = mask.float()
+    with torch.no_grad():
+        seq = (torch.clamp(log_ratio.detach(), -20.0, 20.0) * m).sum(-1, keepdim=True)  # (B, 1)
+        if importance_sampling_ratio is not None:
+            # TRL's ratio is 1 outside the completion; ours may be 0 there: count loss tokens.
+            log_is = torch.clamp(torch.log(importance_sampling_ratio.float()), lower, 20.0)
+            seq = seq + (log_is * m).sum(-1, keepdim=True)
+        log_w = torch.clamp(seq, lower, 20.0)
+        nonneg = advantages >= 0
+        k = torch.where(nonneg, cfg.vespo_k_pos, cfg.vespo_k_neg)
+        lam = torch.where(nonneg, cfg.vespo_lambda_pos, cfg.vespo_lambda_neg).clamp(min=1e-4)
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+        return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    cfg: GRPOLossConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The policy-gradient term per token and the clipping flags (low, high), for a ratio that
+    carries its gradient (per token (B, T), or per sequence (B, 1)):
+
+    PPO family (grpo, bnpo, dr_grpo, dapo, luspo):
+        -min(r' A, clamp(r, 1 - eps_low, 1 + eps_high) A),
+        r' = min(r, delta) when delta is set (INTELLECT-2, arXiv:2505.07291); the clip flags
+        use r' as TRL does: low = r' < 1 - eps_low and A < 0, high = r' > 1 + eps_high and A > 0
+    cispo (MiniMax-M1, arXiv:2506.13585):  -sg(min(r, eps_high)) A logp; high = r > eps_high, A > 0
+    sapo (arXiv:2511.20347):  -sigmoid(tau (r - 1)) 4 / tau A, tau = sapo_temperature_pos if A > 0
+        else sapo_temperature_neg
+    vespo: -phi A logp, phi from `vespo_weights` (applied by the caller)
+    """
+    none = torch.zeros_like(ratio * advantages, dtype=torch.bool)
+    if cfg.loss_type == "cispo":
+        capped = torch.clamp(ratio, max=cfg.eps_high).detach()
+        return -capped * advantages * logp, none, (ratio > cfg.eps_high) & (advantages > 0)
+    if cfg.loss_type == "sapo":
+        tau = torch.where(advantages > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)
+        return -torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau * advantages, none, none
+    clipped = torch.clamp(ratio, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
+    if cfg.delta is not None:
+        ratio = torch.clamp(ratio, max=cfg.delta)
+    loss = -torch.min(ratio * advantages, clipped * advantages)
+    low = (ratio < 1.0 - cfg.eps_low) & (advantages < 0)
+    high = (ratio > 1.0 + cfg.eps_high) & (advantages > 0)
+    return loss, low, high
+
+
+def grpo_objective(
     logp: torch.Tensor,
     entropy: torch.Tensor,
     advantages: torch.Tensor,
@@ -92,72 +222,122 @@ def grpo_per_token_loss(
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     *,
-    beta: float = 0.0,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    delta: float | None = None,
-    loss_type: str = "grpo",
-    importance_level: str = "token",
-    entropy_coef: float = 0.0,
+    config: GRPOLossConfig,
+    sampler_logp: torch.Tensor | None = None,
+    importance_sampling_ratio: torch.Tensor | None = None,
+    num_items: float | torch.Tensor | None = None,
+    num_sequences: float | None = None,
+    accumulation_steps: int = 1,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """GRPO's per-token loss `l` (B, T) from the policy's log-probs and entropies (B, T).
+    """The GRPO loss of one call (a micro-batch) from the policy's log-probs and entropies
+    (B, T), differentiable in both: TRL 1.16's `_compute_loss`, step by step.
 
-    Differentiable in logp and entropy. Also returns the per-token terms behind the
-    statistics: kl (B, T) and the boolean clip_low / clip_high (B, T).
+    advantages (B,) or (B, T); mask, old_logp, ref_logp, sampler_logp (the engine's log-probs,
+    for the off-policy mask; default old_logp) and importance_sampling_ratio (the sampler
+    correction pi_old / pi_sampler, which multiplies the policy term, not the KL; VESPO folds
+    it into phi instead) are (B, T). Returns (loss, terms): the per-token kl (B, T), the clip
+    flags and VESPO's phi, from which `grpo_stats` makes the statistics.
     """
+    cfg = config
     m = mask.float()  # (B, T)
-    # (B, 1) one advantage per sequence, or (B, T) per token (e.g. scaled by an importance
-    # weight of the sampler): every use below broadcasts either way.
     adv = advantages.float().unsqueeze(-1) if advantages.dim() == 1 else advantages.float()
     old = logp.detach() if old_logp is None else old_logp.float()
-    log_ratio = logp - old  # (B, T)
+    entropy_mask = None
+    if cfg.top_entropy_quantile < 1.0:
+        entropy_mask = high_entropy_mask(entropy, m, cfg.top_entropy_quantile).float()
+    if cfg.off_policy_mask_threshold is not None:
+        drift_from = old if sampler_logp is None else sampler_logp
+        keep = off_policy_mask(adv, logp, drift_from, m, cfg.off_policy_mask_threshold)
 
-    if importance_level == "sequence":
-        # GSPO: one ratio per sequence; its token form gives each token the sequence's
-        # value and routes the gradient through that token's own log-prob.
+    log_ratio = logp - old  # (B, T)
+    if cfg.importance_level == "sequence":
+        # GSPO (arXiv:2507.18071): one ratio per sequence, its gradient spread over its tokens.
         len_b = m.sum(-1, keepdim=True).clamp(min=1.0)  # (B, 1)
-        seq_log_ratio = (log_ratio * m).sum(-1, keepdim=True) / len_b  # (B, 1)
-        ratio = seq_log_ratio.detach().exp() * torch.exp(logp - logp.detach())  # (B, T)
+        log_ratio_seq = (log_ratio * m).sum(-1, keepdim=True) / len_b
+        ratio = torch.exp(log_ratio_seq)  # (B, 1)
     else:
         ratio = torch.exp(log_ratio)  # (B, T)
 
-    if loss_type == "cispo":
-        capped = torch.clamp(ratio, max=eps_high).detach()
-        per_token = -capped * adv * logp
-        clip_low = torch.zeros_like(ratio, dtype=torch.bool)
-        clip_high = (ratio > eps_high) & (adv > 0)
-    else:
-        unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)
-        clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
-        per_token = -torch.min(unclipped * adv, clipped * adv)
-        clip_low = (ratio < 1.0 - eps_low) & (adv < 0)
-        clip_high = (ratio > 1.0 + eps_high) & (adv > 0)
-
-    if ref_logp is not None and beta != 0.0:
+    kl = torch.zeros_like(logp)
+    if cfg.beta != 0.0:
         diff = ref_logp.float() - logp
-        kl = torch.exp(diff) - diff - 1.0  # k3 estimator, >= 0
-        per_token = per_token + beta * kl
+        kl = torch.exp(diff) - diff - 1.0  # k3, >= 0
+        if cfg.use_bias_correction_kl:
+            # DeepSeek-V3.2: weighting k3 by the (undetached) ratio makes its gradient the
+            # unbiased reverse-KL gradient; on-policy the value is unchanged, the gradient not.
+            kl = kl * ratio
+
+    phi = None
+    if cfg.loss_type == "vespo":
+        phi = vespo_weights(adv, log_ratio, m, importance_sampling_ratio, cfg)
+        per_token = -phi * adv * logp
+        low = high = torch.zeros_like(per_token, dtype=torch.bool)
     else:
-        kl = torch.zeros_like(logp)
-    if entropy_coef != 0.0:
-        per_token = per_token - entropy_coef * entropy
-    return per_token, {"kl": kl, "clip_low": clip_low, "clip_high": clip_high}
+        per_token, low, high = policy_loss(logp, ratio, adv, cfg)
+    if cfg.off_policy_mask_threshold is not None:
+        per_token = per_token * keep
+    if entropy_mask is not None:
+        per_token = per_token * entropy_mask
+    if importance_sampling_ratio is not None and cfg.loss_type != "vespo":
+        per_token = per_token * importance_sampling_ratio.float()
+    if cfg.beta != 0.0:
+        per_token = per_token + cfg.beta * kl
+
+    weights = aggregation_weights(
+        m, cfg.loss_type, max_completion_length=cfg.max_completion_length, num_items=num_items,
+        num_sequences=num_sequences, accumulation_steps=accumulation_steps)
+    loss = (per_token * weights).sum()
+    if cfg.entropy_coef != 0.0:
+        # TRL's bonus: the token mean of the entropy over the tokens the policy term acts on,
+        # per call and whatever the loss type, divided by the accumulation steps.
+        em = m if entropy_mask is None else m * entropy_mask
+        bonus = (entropy * em).sum() / em.sum().clamp(min=1.0) / accumulation_steps
+        loss = loss - cfg.entropy_coef * bonus
+    return loss, {"kl": kl.expand_as(m), "clip_low": low, "clip_high": high, "phi": phi}
+
+
+def _share(flags: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """TRL's global_masked_mean: per-sequence values (B, 1) average over sequences, per-token
+    values over loss tokens."""
+    flags = flags.float()
+    if flags.shape[-1] == 1:
+        return flags.sum() / max(flags.shape[0], 1)
+    return (flags * m).sum() / m.sum().clamp(min=1.0)
 
 
 def grpo_stats(
-    terms: dict[str, torch.Tensor], logp: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor
+    cfg: GRPOLossConfig,
+    terms: dict[str, torch.Tensor | None],
+    logp: torch.Tensor,
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
-    """Masked token means of the statistics named in STAT_NAMES (0-dim fp32 tensors)."""
+    """The statistics of `stat_names` as 0-dim fp32 tensors, with TRL's meanings: kl is the
+    token mean of the (bias-corrected) k3; clip ratios are shares of loss tokens, or of
+    sequences at sequence level; low_min / high_max the extreme per-sequence shares."""
     m = mask.float()
-    low, high = terms["clip_low"], terms["clip_high"]
-    return {
+    stats = {
         "kl": masked_mean(terms["kl"].detach().float(), m),
-        "clip_low": masked_mean(low.float(), m),
-        "clip_high": masked_mean(high.float(), m),
-        "clip_region": masked_mean((low | high).float(), m),
         "entropy": masked_mean(entropy.detach().float(), m),
         "logp_mean": masked_mean(logp.detach().float(), m),
     }
+    low, high = terms["clip_low"], terms["clip_high"]
+    if cfg.loss_type in PPO_LOSS_TYPES:
+        for name, flags in (("low", low), ("high", high), ("region", low | high)):
+            stats[f"clip_ratio/{name}_mean"] = _share(flags, m)
+            if cfg.importance_level == "sequence":
+                stats[f"clip_ratio/{name}_mean_tokens"] = masked_mean(flags.float().expand_as(m), m)
+        per_seq = [f.float().squeeze(-1) if f.shape[-1] == 1 else
+                   (f.float() * m).sum(-1) / m.sum(-1) for f in (low, high)]
+        lows, highs = (p[~p.isnan()] for p in per_seq)
+        nan = torch.tensor(float("nan"), device=m.device)
+        stats["clip_ratio/low_min"] = lows.min() if lows.numel() else nan
+        stats["clip_ratio/high_max"] = highs.max() if highs.numel() else nan
+    elif cfg.loss_type == "cispo":
+        stats["cispo_clip_ratio"] = _share(high, m)
+    elif cfg.loss_type == "vespo":
+        stats["vespo/phi_seq_mean"] = _share(terms["phi"], m)
+    return {k: v.float() for k, v in stats.items()}
 
 
 def grpo_loss_ref(
@@ -168,35 +348,30 @@ def grpo_loss_ref(
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     *,
-    temperature: float = 1.0,
-    beta: float = 0.0,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    delta: float | None = None,
-    loss_type: str = "grpo",
-    importance_level: str = "token",
-    max_completion_length: int | None = None,
+    config: GRPOLossConfig | None = None,
+    sampler_logp: torch.Tensor | None = None,
+    importance_sampling_ratio: torch.Tensor | None = None,
     num_items: float | torch.Tensor | None = None,
-    entropy_coef: float = 0.0,
+    num_sequences: float | None = None,
+    accumulation_steps: int = 1,
     inplace: bool = False,
+    **options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO loss and its statistics; autograd gives d loss / d logits.
 
-    logits (B, T, V) with logits[b, t] predicting ids[b, t]; advantages (B,) or (B, T); mask
-    (B, T); old_logp, ref_logp (B, T). `inplace` is accepted for signature parity and ignored.
-    Returns (loss 0-dim fp32, stats dict of 0-dim fp32 tensors named in STAT_NAMES).
+    logits (B, T, V) with logits[b, t] predicting ids[b, t]; the rest as `grpo_objective`;
+    options: a GRPOLossConfig and/or its fields as keywords. `inplace` is accepted for
+    signature parity and ignored. Returns (loss 0-dim fp32, stats of `stat_names`).
     """
     del inplace
-    log_probs, entropy = _log_softmax_and_entropy(logits, temperature)  # (B, T, V), (B, T)
+    cfg = resolve(config, options)
+    log_probs, entropy = _log_softmax_and_entropy(logits, cfg.temperature)  # (B, T, V), (B, T)
     logp = log_probs.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)  # (B, T)
-    per_token, terms = grpo_per_token_loss(
-        logp, entropy, advantages, mask, old_logp, ref_logp, beta=beta, eps_low=eps_low,
-        eps_high=eps_high, delta=delta, loss_type=loss_type, importance_level=importance_level,
-        entropy_coef=entropy_coef,
-    )
-    weights = aggregation_weights(mask, loss_type, max_completion_length, num_items)
-    loss = (per_token * weights).sum()
-    return loss, grpo_stats(terms, logp, entropy, mask)
+    loss, terms = grpo_objective(
+        logp, entropy, advantages, mask, old_logp, ref_logp if cfg.beta != 0 else None,
+        config=cfg, sampler_logp=sampler_logp, importance_sampling_ratio=importance_sampling_ratio,
+        num_items=num_items, num_sequences=num_sequences, accumulation_steps=accumulation_steps)
+    return loss, grpo_stats(cfg, terms, logp, entropy, mask)
 
 
 def sampler_importance_weights(

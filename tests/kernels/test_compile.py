@@ -37,10 +37,15 @@ def compile_all() -> int:
     count = 0
     for dt, prec, bk in (("*bf16", "tf32", 64), ("*fp32", "ieee", 32)):
         row = dict(logits_ptr=dt, grad_ptr=dt, ids_ptr="*i64", clip_ptr="*i8")
-        for flags in (dict(HAS_OLD=True, HAS_REF=True, USE_DELTA=True, CISPO=False,
-                           ENTROPY_GRAD=True),
-                      dict(HAS_OLD=False, HAS_REF=False, USE_DELTA=False, CISPO=True,
-                           ENTROPY_GRAD=False)):
+        for flags in (dict(HAS_OLD=True, HAS_REF=True, HAS_ISR=True, USE_DELTA=True,
+                           POLICY=0, BIAS_KL=True, ENTROPY_GRAD=True),
+                      dict(HAS_OLD=False, HAS_REF=True, HAS_ISR=False, USE_DELTA=False,
+                           POLICY=1, BIAS_KL=False, ENTROPY_GRAD=False),
+                      dict(HAS_OLD=True, HAS_REF=False, HAS_ISR=True, USE_DELTA=False,
+                           POLICY=2, BIAS_KL=True, ENTROPY_GRAD=True)):
+            assert set(flags) | {"BLOCK_V"} == {
+                n for n, p in zip(g._grpo_token_kernel.arg_names,
+                                  g._grpo_token_kernel.params, strict=True) if p.is_constexpr}
             _compile(g._grpo_token_kernel, row, dict(BLOCK_V=4096, **flags), warps=8)
         _compile(lp._logprobs_kernel, row, dict(WITH_ENTROPY=True, BLOCK_V=4096), warps=8)
         _compile(lp._logprobs_backward_kernel, row, dict(WITH_ENTROPY=True, BLOCK_V=4096),
@@ -53,7 +58,7 @@ def compile_all() -> int:
         for kernel in (moe._gate_up_fwd_kernel, moe._rows_scatter_kernel, moe._act_bwd_kernel,
                        moe._down_bwd_kernel, moe._gate_up_bwd_kernel):
             _compile(kernel, routing, {k: v for k, v in blocks.items() if k in kernel.arg_names})
-        count += 9
+        count += 10
     _compile(adv._group_advantages_kernel, {},
              dict(HAS_WEIGHTS=True, SCALE=1, BLOCK_G=8, BLOCK_R=1))
     return count + 1
@@ -65,7 +70,7 @@ def test_kernels_compile_for_sm90():
                           capture_output=True, text=True, timeout=600,
                           cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "compiled 19 kernels" in done.stdout
+    assert "compiled 21 kernels" in done.stdout
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kernels import grpo_loss
-from kernels.reference import LOSS_TYPES, STAT_NAMES, grpo_loss_ref, token_logprobs_ref
+from kernels.reference import LOSS_TYPES, grpo_loss_ref, stat_names, token_logprobs_ref
 
 from .helpers import assert_close, assert_within_ref_error
 
@@ -20,20 +20,20 @@ def _cases() -> list[dict]:
     """Every loss_type x importance_level x beta, with the other options cycled so that each
     value of each option meets many of the others (a full product is too slow under the
     interpreter)."""
-    base = [
-        (lt, lvl, beta)
-        for lt in LOSS_TYPES
-        for lvl in ("token", "sequence")
-        for beta in (0.0, 0.04)
-        if not (lt == "cispo" and lvl == "sequence")
-    ]
+    base = [(lt, lvl, beta) for lt in LOSS_TYPES for lvl in ("token", "sequence")
+            for beta in (0.0, 0.04)]
     cases = []
-    for i, (lt, lvl, beta) in enumerate(base * 3):
+    for i, (lt, lvl, beta) in enumerate(base * 2):
         cases.append(dict(
             loss_type=lt, importance_level=lvl, beta=beta,
-            delta=None if lt == "cispo" or i % 3 else 1.15,
+            delta=None if lt in ("cispo", "sapo", "vespo") or i % 3 else 1.15,
             temperature=(1.0, 0.7)[i % 2],
             entropy_coef=(0.0, 0.01)[(i // 2) % 2],
+            use_bias_correction_kl=(True, False)[(i // 3) % 2],
+            accumulation_steps=(1, 2)[(i // 5) % 2],
+            sampler=bool((i // 7) % 2),
+            top_entropy_quantile=(1.0, 1.0, 0.5)[i % 3],
+            off_policy_mask_threshold=(None, None, None, 0.05)[(i // 2) % 4],
             dtype=(torch.float32, torch.bfloat16)[(i // 3) % 2],
             vocab=(1000, 4099)[(i // 4) % 2],
             inplace=bool((i // 5) % 2) ^ bool(i % 2),
@@ -47,7 +47,9 @@ def _case_id(c: dict) -> str:
     return (f"{c['loss_type']}-{c['importance_level'][:3]}-b{c['beta']}-d{c['delta']}"
             f"-t{c['temperature']}-e{c['entropy_coef']}-{str(c['dtype'])[6:]}-V{c['vocab']}"
             f"-{'inpl' if c['inplace'] else 'copy'}{'-strided' if c['strided'] else ''}"
-            f"{'-onpol' if c['on_policy'] else ''}")
+            f"{'-onpol' if c['on_policy'] else ''}{'' if c['use_bias_correction_kl'] else '-k3'}"
+            f"-acc{c['accumulation_steps']}{'-isr' if c['sampler'] else ''}"
+            f"-q{c['top_entropy_quantile']}-opm{c['off_policy_mask_threshold']}")
 
 
 def make_inputs(device: str, vocab: int, dtype: torch.dtype, strided: bool, seed: int = 0):
@@ -68,6 +70,8 @@ def make_inputs(device: str, vocab: int, dtype: torch.dtype, strided: bool, seed
     base = token_logprobs_ref(logits.cpu(), ids)
     old = base + 0.35 * torch.randn(B, T, generator=gen)
     ref = base + 0.5 * torch.randn(B, T, generator=gen)
+    sampler = base + 0.3 * torch.randn(B, T, generator=gen)
+    isr = torch.exp(0.2 * torch.randn(B, T, generator=gen)).clamp(max=1.1) * mask
     return {
         "logits": logits,
         "ids": ids.to(device),
@@ -75,6 +79,8 @@ def make_inputs(device: str, vocab: int, dtype: torch.dtype, strided: bool, seed
         "mask": mask.to(device),
         "old": old.to(device),
         "ref": ref.to(device),
+        "sampler": sampler.to(device),
+        "isr": isr.to(device),
     }
 
 
@@ -89,10 +95,12 @@ def _run(fn, logits, inp, opts, old):
 @pytest.mark.parametrize("case", _cases(), ids=_case_id)
 def test_matches_reference(case, device):
     c = dict(case)
-    dtype, vocab, strided, on_policy = c.pop("dtype"), c.pop("vocab"), c.pop("strided"), \
-        c.pop("on_policy")
+    dtype, vocab, strided, on_policy, sampler = (c.pop(k) for k in (
+        "dtype", "vocab", "strided", "on_policy", "sampler"))
     inp = make_inputs(device, vocab, dtype, strided)
     old = None if on_policy else inp["old"]
+    if sampler:
+        c.update(sampler_logp=inp["sampler"], importance_sampling_ratio=inp["isr"])
     ref_opts = {k: v for k, v in c.items() if k != "inplace"}
 
     # Ours, on a fresh tensor with the case's layout (inplace writes into the strided view).
@@ -104,17 +112,22 @@ def test_matches_reference(case, device):
 
     gold_loss, gold_stats, gold_grad = _run(grpo_loss_ref, inp["logits"].float(), inp, ref_opts,
                                             old)
+    assert set(stats) == set(gold_stats) == set(stat_names(c["loss_type"],
+                                                           c["importance_level"]))
     if dtype == torch.float32:
-        assert_close(loss, gold_loss, "loss")
-        assert_close(grad, gold_grad, "grad", rtol=1e-4, atol=1e-6)
-        for k in STAT_NAMES:
-            assert_close(stats[k], gold_stats[k], f"stat {k}")
+        # VESPO's weight exp(lambda + k log w - lambda w) amplifies the 1e-7 relative
+        # differences of two logsumexp orders by |k - lambda w| over a sum of T log-ratios.
+        rtol = 2e-4 if c["loss_type"] == "vespo" else 1e-5
+        assert_close(loss, gold_loss, "loss", rtol=rtol)
+        assert_close(grad, gold_grad, "grad", rtol=max(rtol, 1e-4), atol=1e-6)
+        for k in gold_stats:
+            assert_close(stats[k], gold_stats[k], f"stat {k}", rtol=rtol)
     else:
         rl, rs, rg = _run(grpo_loss_ref, inp["logits"], inp, ref_opts, old)
         assert grad.dtype == dtype
         assert_within_ref_error(loss, gold_loss, rl, 1e-5, "loss")
         assert_within_ref_error(grad.float(), gold_grad, rg.float(), 1e-6, "grad")
-        for k in STAT_NAMES:
+        for k in gold_stats:
             assert_within_ref_error(stats[k], gold_stats[k], rs[k], 1e-5, f"stat {k}")
     # The masked rows carry no gradient at all.
     assert (grad[inp["mask"] == 0] == 0).all()
@@ -140,8 +153,9 @@ def test_clipping_and_kl_are_exercised(device):
     inp = make_inputs(device, 1000, torch.float32, False)
     _, stats = grpo_loss(inp["logits"], inp["ids"], inp["adv"], inp["mask"], inp["old"],
                          inp["ref"], beta=0.04)
-    assert stats["clip_low"] > 0 and stats["clip_high"] > 0 and stats["kl"] > 0
-    assert stats["clip_region"] == stats["clip_low"] + stats["clip_high"]
+    low, high = stats["clip_ratio/low_mean"], stats["clip_ratio/high_mean"]
+    assert low > 0 and high > 0 and stats["kl"] > 0
+    assert stats["clip_ratio/region_mean"] == low + high
 
 
 def test_inplace_consumes_logits_and_saves_memory(device):
@@ -233,7 +247,11 @@ def test_all_masked_is_zero_not_nan(device, importance_level):
                                 beta=0.04, loss_type=loss_type, importance_level=importance_level)
         loss.backward()
         assert loss.item() == 0.0
-        assert all(v.item() == 0.0 for v in stats.values()), stats
+        # Per-sequence token shares over no token are NaN, as TRL's (sequence level: a ratio of
+        # exactly 1 per sequence, unclipped).
+        extremes = ("clip_ratio/low_min", "clip_ratio/high_max")
+        assert all(v.item() == 0.0 for k, v in stats.items() if k not in extremes), stats
+        assert all(stats[k].isnan() == (importance_level == "token") for k in extremes), stats
         assert (x.grad == 0).all()
         x.grad = None
 
@@ -250,7 +268,7 @@ def test_no_grad_only_reads(device):
     gold, gold_stats = grpo_loss_ref(before, inp["ids"], inp["adv"], inp["mask"], inp["old"],
                                      inp["ref"], beta=0.04)
     assert_close(loss, gold, "no-grad loss")
-    for k in STAT_NAMES:
+    for k in gold_stats:
         assert_close(stats[k], gold_stats[k], k)
 
 
@@ -286,9 +304,12 @@ def _bad_calls(inp):
         "beta without ref": ((x, ids, adv, mask), {"beta": 0.04}, "needs ref_logp"),
         "loss type": ((x, ids, adv, mask), {"loss_type": "ppo"}, "unknown loss_type"),
         "level": ((x, ids, adv, mask), {"importance_level": "seq"}, "unknown importance"),
-        "cispo seq": ((x, ids, adv, mask), {"loss_type": "cispo",
-                                           "importance_level": "sequence"}, "token level only"),
         "cispo delta": ((x, ids, adv, mask), {"loss_type": "cispo", "delta": 2.0}, "delta"),
+        "quantile": ((x, ids, adv, mask), {"top_entropy_quantile": 1.5}, "top_entropy_quantile"),
+        "isr shape": ((x, ids, adv, mask), {"importance_sampling_ratio": adv},
+                      "importance_sampling_ratio must have shape"),
+        "accumulation": ((x, ids, adv, mask), {"accumulation_steps": 0}, "accumulation_steps"),
+        "num_sequences": ((x, ids, adv, mask), {"num_sequences": 0}, "num_sequences"),
         "nan adv": ((x, ids, nan_adv, mask), {}, "advantages contains NaN"),
         "inf adv": ((x, ids, inf_adv, mask), {}, "advantages contains NaN or inf"),
         "temperature": ((x, ids, adv, mask), {"temperature": 0.0}, "temperature"),
@@ -339,7 +360,8 @@ def test_large_grid_and_no_recompile(device):
 def test_cases_cover_every_option():
     cases = _cases()
     for key in ("delta", "temperature", "entropy_coef", "dtype", "vocab", "inplace", "strided",
-                "on_policy"):
+                "on_policy", "use_bias_correction_kl", "accumulation_steps", "sampler",
+                "top_entropy_quantile", "off_policy_mask_threshold"):
         assert len({str(c[key]) for c in cases}) == 2, key
     pairs = {(c["dtype"], c["inplace"], c["importance_level"]) for c in cases}
     assert len(pairs) == 8
@@ -361,7 +383,7 @@ def test_per_token_advantages(loss_type, level, device):
     gold, gold_stats, gold_grad = _run(grpo_loss_ref, inp["logits"], per_token, opts, inp["old"])
     assert_close(loss, gold, "loss")
     assert_close(grad, gold_grad, "grad", rtol=1e-4, atol=1e-6)
-    for k in STAT_NAMES:
+    for k in gold_stats:
         assert_close(stats[k], gold_stats[k], f"stat {k}")
     plain, _, plain_grad = _run(grpo_loss, inp["logits"], inp, opts, inp["old"])
     assert not torch.allclose(grad, plain_grad)  # the weights reached the gradient
