@@ -384,9 +384,12 @@ class GRPOTrainer:
             rewards, fails = self._score(examples, rollout)
             for name, n in fails.items():
                 failures[name] = failures.get(name, 0) + n
-            total = reference.combine_rewards(rewards, self.reward_weights).view(-1, g)
+            # Unscorable completions (every reward None) are NaN: a group needs two scorable
+            # ones that differ to carry a signal, as group_advantages decides.
+            total = reference.combine_rewards(rewards, self.reward_weights,
+                                              unscorable_nan=True).view(-1, g)
             for i, ex in enumerate(examples):
-                informative = bool((total[i] != total[i, 0]).any())
+                informative = bool(reference.nanstd(total[i]) > 1e-8)
                 groups += 1
                 zero_std += not informative
                 if (informative or not cfg.dynamic_sampling) and len(kept) < quota:
@@ -595,7 +598,7 @@ class GRPOTrainer:
     def _step_metrics(self, batch: Batch, loss_stats: dict, grad_norm: float, seconds: float,
                       phases: dict) -> dict:
         rollout, rewards = batch.rollout, batch.all_rewards  # every rank's rows
-        total = reference.combine_rewards(rewards, self.reward_weights)
+        total = reference.combine_rewards(rewards, self.reward_weights, unscorable_nan=True)
         lengths = dist_mod.gather_rows(rollout.lengths.float())[0]
         truncated = dist_mod.gather_rows(rollout.truncated.float())[0]
         failures: dict[str, int] = {}
@@ -603,7 +606,8 @@ class GRPOTrainer:
             for name, count in part.items():
                 failures[name] = failures.get(name, 0) + count
         metrics = {
-            "reward": float(total.mean()), "reward_std": float(total.std()),
+            # Over scorable completions, as TRL logs them.
+            "reward": float(total.nanmean()), "reward_std": float(reference.nanstd(total)),
             "frac_zero_std": batch.frac_zero_std,
             "completion_length": float(lengths.mean()),
             "completion_length_max": float(lengths.max()),

@@ -413,15 +413,39 @@ def sampler_importance_weights(
     return weights * m, stats
 
 
-def combine_rewards(rewards: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+def combine_rewards(
+    rewards: torch.Tensor, weights: torch.Tensor | None = None, *, unscorable_nan: bool = False
+) -> torch.Tensor:
     """(N,) or (N, R) rewards -> (N,) fp32. Columns are weighted and summed ignoring NaN, as
-    TRL does: a NaN means that reward function does not apply to that sample."""
+    TRL does: a NaN (TRL's None) means that reward function does not apply to that sample.
+    A row that is NaN in every column (see `scorable`) sums to 0, or to NaN if `unscorable_nan`
+    (TRL 1.16's `rewards[unscorable_mask] = nan`)."""
     r = rewards.float()
     if r.dim() == 1:
         r = r.unsqueeze(-1)
     if weights is not None:
         r = r * weights.float().to(r.device)
-    return torch.nansum(r, dim=-1)
+    total = torch.nansum(r, dim=-1)
+    if unscorable_nan:
+        total = torch.where(scorable(rewards), total, float("nan"))
+    return total
+
+
+def scorable(rewards: torch.Tensor) -> torch.Tensor:
+    """(N,) or (N, R) rewards -> (N,) bool: some column is not NaN. TRL 1.16 calls the other
+    rows (every reward function returned None) unscorable."""
+    r = rewards.float()
+    return ~torch.isnan(r if r.dim() == 2 else r.unsqueeze(-1)).all(dim=-1)
+
+
+def nanstd(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
+    """TRL's `trl.trainer.utils.nanstd`: the unbiased std of the non-NaN values; NaN if there
+    are fewer than 2."""
+    count = (~torch.isnan(x)).sum(dim=dim, keepdim=True)
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    var = torch.nanmean((x - mean) ** 2, dim=dim, keepdim=True) * count / (count - 1)
+    std = torch.where(count > 1, var.sqrt(), float("nan"))
+    return std if keepdim else std.reshape(()) if dim is None else std.squeeze(dim)
 
 
 def group_advantages_ref(
@@ -432,34 +456,41 @@ def group_advantages_ref(
     scale: str = "group",
     eps: float = 1e-4,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """GRPO advantages: each reward minus its group's mean, scaled by a std.
+    """GRPO advantages: each reward minus its group's mean, scaled by a std. TRL 1.16's
+    GRPOTrainer._generate_and_score_completions, multi_objective_aggregation="sum_then_normalize".
 
-    rewards (N,) or (N, R), N = num_prompts * group_size with groups contiguous.
-    scale "group": / (group std + eps); "batch": / (std of all N rewards + eps); "none": as is.
-    std is the unbiased sample std. Groups whose rewards are all equal (std ~ 0, as
-    torch.isclose(std, 0)) get advantage exactly 0. Stats: reward_mean (over all N),
-    reward_std (mean over groups of the std used to scale: group std, or the batch std),
-    frac_zero_std (fraction of groups with all-equal rewards).
+    rewards (N,) or (N, R), N = num_prompts * group_size with groups contiguous; r =
+    combine_rewards (NaN columns skipped). A completion NaN in every column (every reward
+    function returned None) is unscorable: its r is NaN, so it is left out of its group's mean
+    (nanmean) and std. std is TRL's `nanstd`: unbiased over the scorable r, NaN if fewer than 2.
+    scale "group": (r - mean) / (group std + eps); "batch": / (std of all scorable r + eps);
+    "none": r - mean. NaN advantages become 0 (TRL's nan_to_num): unscorable completions, and
+    groups with < 2 scorable completions ("group"; with "batch" and "none" r - mean is 0 there).
+    Ours on top: a group whose scorable r are all equal (std <= 1e-8) gets exactly 0 (TRL:
+    about 0 / (std + eps)). Stats: reward_mean (mean of the scorable r, TRL's logged reward),
+    reward_std (mean over groups of the std used, NaN ones skipped: group std, or the batch std),
+    frac_zero_std (fraction of groups with group std <= 1e-8; a NaN std, < 2 scorable, is not
+    zero, as TRL's isclose; TRL's "batch" counts the batch std instead).
     """
-    r = combine_rewards(rewards, weights)  # (N,)
+    r = combine_rewards(rewards, weights, unscorable_nan=True)  # (N,)
     grouped = r.view(-1, group_size)  # (P, G)
-    mean = grouped.mean(-1, keepdim=True)  # (P, 1)
-    std = grouped.std(-1, keepdim=True)  # (P, 1), unbiased
+    mean = grouped.nanmean(-1, keepdim=True)  # (P, 1)
+    std = nanstd(grouped, -1, keepdim=True)  # (P, 1)
     zero_std = std <= 1e-8
     centred = grouped - mean
     if scale == "group":
         scale_std = std
         adv = centred / (std + eps)
     elif scale == "batch":
-        scale_std = r.std().expand_as(std)
+        scale_std = nanstd(r).expand_as(std)
         adv = centred / (scale_std + eps)
     else:
         scale_std = std
         adv = centred
-    adv = torch.where(zero_std, torch.zeros_like(adv), adv)
+    adv = torch.nan_to_num(torch.where(zero_std, torch.zeros_like(adv), adv), nan=0.0)
     stats = {
-        "reward_mean": r.mean(),
-        "reward_std": scale_std.mean(),
+        "reward_mean": r.nanmean(),
+        "reward_std": scale_std.nanmean(),
         "frac_zero_std": zero_std.float().mean(),
     }
     return adv.reshape(-1), stats
