@@ -21,7 +21,8 @@ case "${1:-}" in
     python -m pytest -q -x tests 2>&1 | tee "$out/tests.log"
     ;;
   kernels)
-    for cmd in "bench_grpo_loss" "bench_grpo_loss --importance-level sequence" \
+    for cmd in "bench_grpo_loss --beta 0.04 --bias-correction-kl on,off" \
+               "bench_grpo_loss --importance-level sequence" \
                "bench_logprobs" "bench_advantages" "bench_moe" "bench_linear_grpo_loss"; do
       # shellcheck disable=SC2086
       python -m benchmarks.$cmd 2>&1 | tee -a "$out/kernels.log"

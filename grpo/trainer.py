@@ -550,7 +550,10 @@ class GRPOTrainer:
             if cfg.router_aux_loss_coef > 0 and self._aux_loss is not None:
                 loss = loss + cfg.router_aux_loss_coef * self._aux_loss * \
                     ((rows.stop - rows.start) / counts["num_sequences"])
-            if self.world > 1:  # FSDP averages gradients over ranks; the loss is a sum
+            if self.world > 1:
+                # The loss is this rank's share of the step's (global counts) and FSDP
+                # averages gradients over ranks. (set_gradient_divide_factor(1.0) would make
+                # it sum, but reduces with PREMUL_SUM, which gloo refuses.)
                 loss = loss * (self.world if real else 0.0)
             loss.backward()
             self._clear_replay()  # kept until here: checkpointing recomputes in backward
