@@ -141,6 +141,8 @@ def test_cli_rejects_bad_input(tmp_path, capsys):
         (["--data", str(bad_jsonl)], "bad.jsonl:2"),
         (["--num-generations", "1"], "num_generations (G) must be >= 2"),
         (["--max-completion-length", "0"], "max_completion_length must be >= 1"),
+        (["--top-entropy-quantile", "1.5"], "top_entropy_quantile must lie in [0, 1]"),
+        (["--loss-type", "sapo", "--delta", "2"], "has no clipped ratio"),
     ]
     for args, message in cases:
         code = main([*args, "--output-dir", str(tmp_path / "run"), "--no-progress"])
@@ -186,6 +188,28 @@ def test_config_file_and_flags(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"num_generation": 4}))
     with pytest.raises(ValueError, match="unknown fields"):
         parse_config(["--config", str(tmp_path / "c.json")])
+
+
+def test_loss_options_reach_the_kernels(tmp_path):
+    """TRL's defaults (dapo, beta 0, the bias-corrected KL, eps_high = eps_low) and every
+    loss flag land in the GRPOLossConfig the trainer hands to the kernels."""
+    from kernels import GRPOLossConfig
+
+    cfg = parse_config(["--model", "", "--output-dir", str(tmp_path / "a")])
+    assert cfg.loss_config() == GRPOLossConfig(
+        loss_type="dapo", temperature=cfg.temperature,
+        max_completion_length=cfg.max_completion_length)
+    flags = ["--loss-type", "vespo", "--beta", "0.04", "--no-use-bias-correction-kl",
+             "--eps-low", "0.1", "--entropy-coef", "0.01", "--vespo-k-pos", "1.5",
+             "--vespo-lambda-neg", "2.5", "--top-entropy-quantile", "0.2",
+             "--off-policy-mask-threshold", "0.5", "--importance-level", "sequence",
+             "--sapo-temperature-neg", "2", "--output-dir", str(tmp_path / "b")]
+    loss = parse_config(flags).loss_config()
+    assert (loss.loss_type, loss.beta, loss.use_bias_correction_kl, loss.eps_low,
+            loss.eps_high, loss.entropy_coef, loss.vespo_k_pos, loss.vespo_lambda_neg,
+            loss.top_entropy_quantile, loss.off_policy_mask_threshold, loss.importance_level,
+            loss.sapo_temperature_neg) == ("vespo", 0.04, False, 0.1, 0.1, 0.01, 1.5, 2.5,
+                                           0.2, 0.5, "sequence", 2.0)
 
 
 def test_sft_command_trains_and_saves(tmp_path, capsys):
