@@ -203,7 +203,8 @@ class GRPOConfig:
             vespo_lambda_pos=self.vespo_lambda_pos, vespo_k_neg=self.vespo_k_neg,
             vespo_lambda_neg=self.vespo_lambda_neg,
             top_entropy_quantile=self.top_entropy_quantile,
-            off_policy_mask_threshold=self.off_policy_mask_threshold)
+            off_policy_mask_threshold=self.off_policy_mask_threshold,
+            router_aux_loss_coef=self.router_aux_loss_coef)
 
     def validate(self) -> None:
         checks = [

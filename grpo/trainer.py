@@ -546,10 +546,8 @@ class GRPOTrainer:
                 importance_sampling_ratio=None if is_weights is None else is_weights[rows],
                 # The lm_head's backward does not need its output: on the GPU the
                 # gradient overwrites the logits instead of doubling their memory.
-                inplace=self.device.type == "cuda", **counts)
-            if cfg.router_aux_loss_coef > 0 and self._aux_loss is not None:
-                loss = loss + cfg.router_aux_loss_coef * self._aux_loss * \
-                    ((rows.stop - rows.start) / counts["num_sequences"])
+                inplace=self.device.type == "cuda",
+                aux_loss=self._aux_loss if cfg.router_aux_loss_coef > 0 else None, **counts)
             if self.world > 1:
                 # The loss is this rank's share of the step's (global counts) and FSDP
                 # averages gradients over ranks. (set_gradient_divide_factor(1.0) would make

@@ -237,6 +237,7 @@ def grpo_loss(
     num_items: float | torch.Tensor | None = None,
     num_sequences: float | None = None,
     accumulation_steps: int = 1,
+    aux_loss: torch.Tensor | None = None,
     inplace: bool = False,
     **options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -253,6 +254,13 @@ def grpo_loss(
     Stats: reference.stat_names(loss_type, importance_level), TRL's names and meanings.
     """
     cfg = resolve(config, options)
+    if aux_loss is not None:  # the router's loss joins after the kernels' part
+        loss, stats = grpo_loss(
+            logits, ids, advantages, mask, old_logp, ref_logp, config=cfg,
+            sampler_logp=sampler_logp, importance_sampling_ratio=importance_sampling_ratio,
+            num_items=num_items, num_sequences=num_sequences,
+            accumulation_steps=accumulation_steps, inplace=inplace)
+        return reference.add_aux_loss(loss, stats, aux_loss, cfg, accumulation_steps)
     check_logits_ids(logits, ids)
     counts = dict(num_items=num_items, num_sequences=num_sequences,
                   accumulation_steps=accumulation_steps)

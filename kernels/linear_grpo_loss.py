@@ -133,6 +133,7 @@ def linear_grpo_loss(
     num_items: float | torch.Tensor | None = None,
     num_sequences: float | None = None,
     accumulation_steps: int = 1,
+    aux_loss: torch.Tensor | None = None,
     inplace: bool = True,
     chunk_size: int | None = None,
     logits_fp32: bool = False,
@@ -144,6 +145,14 @@ def linear_grpo_loss(
     lm_head in fp32."""
     del inplace
     cfg = resolve(config, options)
+    if aux_loss is not None:  # the router's loss joins after the kernels' part
+        loss, stats = linear_grpo_loss(
+            hidden, weight, ids, advantages, mask, old_logp, ref_logp, config=cfg,
+            sampler_logp=sampler_logp, importance_sampling_ratio=importance_sampling_ratio,
+            num_items=num_items, num_sequences=num_sequences,
+            accumulation_steps=accumulation_steps, chunk_size=chunk_size,
+            logits_fp32=logits_fp32)
+        return reference.add_aux_loss(loss, stats, aux_loss, cfg, accumulation_steps)
     _check(hidden, weight, ids)
     counts = dict(num_items=num_items, num_sequences=num_sequences,
                   accumulation_steps=accumulation_steps)

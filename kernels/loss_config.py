@@ -40,6 +40,7 @@ class GRPOLossConfig:
     vespo_lambda_neg: float = 2.0
     top_entropy_quantile: float = 1.0
     off_policy_mask_threshold: float | None = None
+    router_aux_loss_coef: float = 0.0  # MoE: weight of the aux_loss passed to the call
 
     def __post_init__(self) -> None:
         if self.eps_high is None:
@@ -51,7 +52,8 @@ class GRPOLossConfig:
                              f"of {IMPORTANCE_LEVELS}")
         _positive(self, "temperature", "sapo_temperature_pos", "sapo_temperature_neg")
         _non_negative(self, "beta", "eps_low", "eps_high", "entropy_coef", "vespo_k_pos",
-                      "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
+                      "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg",
+                      "router_aux_loss_coef")
         if self.delta is not None and not self.delta > 0:
             raise ValueError(f"delta must be > 0 (or None), got {self.delta}")
         if self.loss_type in ("cispo", "sapo", "vespo") and self.delta is not None:

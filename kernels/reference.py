@@ -354,6 +354,7 @@ def grpo_loss_ref(
     num_items: float | torch.Tensor | None = None,
     num_sequences: float | None = None,
     accumulation_steps: int = 1,
+    aux_loss: torch.Tensor | None = None,
     inplace: bool = False,
     **options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -371,7 +372,25 @@ def grpo_loss_ref(
         logp, entropy, advantages, mask, old_logp, ref_logp if cfg.beta != 0 else None,
         config=cfg, sampler_logp=sampler_logp, importance_sampling_ratio=importance_sampling_ratio,
         num_items=num_items, num_sequences=num_sequences, accumulation_steps=accumulation_steps)
-    return loss, grpo_stats(cfg, terms, logp, entropy, mask)
+    return add_aux_loss(loss, grpo_stats(cfg, terms, logp, entropy, mask), aux_loss, cfg,
+                        accumulation_steps)
+
+
+def add_aux_loss(
+    loss: torch.Tensor,
+    stats: dict[str, torch.Tensor],
+    aux_loss: torch.Tensor | None,
+    cfg: GRPOLossConfig,
+    accumulation_steps: int,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """An MoE router's load-balancing loss (0-dim, from the model's forward) joins the loss as
+    router_aux_loss_coef * aux_loss / accumulation_steps, as TRL adds it; logged as aux_loss."""
+    if aux_loss is None:
+        return loss, stats
+    stats = {**stats, "aux_loss": aux_loss.detach().float().reshape(())}
+    if cfg.router_aux_loss_coef == 0.0:
+        return loss, stats
+    return loss + cfg.router_aux_loss_coef * aux_loss.float() / accumulation_steps, stats
 
 
 def sampler_importance_weights(

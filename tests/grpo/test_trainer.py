@@ -275,7 +275,8 @@ def test_frozen_router_and_aux_loss(tmp_path):
     trainer = GRPOTrainer(_config(tmp_path, model=model, freeze_router=True,
                                   router_aux_loss_coef=0.01, learning_rate=1e-2))
     routers = [r.weight.detach().clone() for r in trainer.replay.routers]
-    trainer.step()
+    metrics = trainer.step()
+    assert metrics["aux_loss"] > 0  # the router's loss reached the kernels' loss
     assert all(torch.equal(r.weight, before)
                for r, before in zip(trainer.replay.routers, routers, strict=True))
     with pytest.raises(ValueError, match="needs an MoE model"):

@@ -391,3 +391,20 @@ def test_per_token_advantages(loss_type, level, device):
     same, _, same_grad = _run(grpo_loss, inp["logits"], expanded, opts, inp["old"])
     assert_close(same, plain, "loss")
     assert_close(same_grad, plain_grad, "grad", rtol=1e-6, atol=1e-8)
+
+
+def test_router_aux_loss_joins_as_trl_adds_it(device):
+    """aux_loss (an MoE router's load-balancing loss, with its own graph) adds
+    router_aux_loss_coef * aux / accumulation_steps, on the kernel and reference paths."""
+    inp = make_inputs(device, 1000, torch.float32, False)
+    router = torch.tensor(0.7, device=device, requires_grad=True)
+    for fn in (grpo_loss, grpo_loss_ref):
+        x = inp["logits"].clone().requires_grad_()
+        plain, _ = fn(x, inp["ids"], inp["adv"], inp["mask"], inp["old"], accumulation_steps=2)
+        loss, stats = fn(x, inp["ids"], inp["adv"], inp["mask"], inp["old"], accumulation_steps=2,
+                         aux_loss=router * 2.0, router_aux_loss_coef=0.01)
+        loss.backward()
+        assert_close(loss, plain.detach() + 0.01 * 1.4 / 2, "loss with aux")
+        assert_close(router.grad, torch.tensor(0.01 * 2.0 / 2), "d loss / d aux")
+        assert_close(stats["aux_loss"], torch.tensor(1.4), "aux_loss stat")
+        router.grad = None
