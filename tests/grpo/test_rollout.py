@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from grpo.config import GRPOConfig
-from grpo.rollout import TransformersEngine
+from grpo.rollout import SamplingParams, TransformersEngine
 from models import load_model, make_tiny
 
 PROMPTS = ["12+34=", "7+8=", "99+1="]
@@ -20,8 +20,9 @@ def tiny(tmp_path_factory):
 
 def _rollout(tiny, greedy: bool, **options):
     model, tokenizer = tiny
-    engine = TransformersEngine(model, tokenizer, max_prompt_length=16, max_completion_length=24,
-                                temperature=0.7, **options)
+    sampling = SamplingParams(max_prompt_length=16, max_completion_length=24, temperature=0.7,
+                              ignore_eos=options.pop("ignore_eos", False))
+    engine = TransformersEngine(model, tokenizer, sampling, **options)
     torch.manual_seed(0)
     return engine, engine.generate(PROMPTS, 4, greedy=greedy)
 
@@ -94,12 +95,11 @@ def test_ignore_eos_samples_full_length_completions(tiny):
 
 def test_bad_options(tiny, tmp_path):
     model, tokenizer = tiny
+    sampling = SamplingParams(max_prompt_length=8, max_completion_length=8)
     with pytest.raises(ValueError, match="static KV cache"):
-        TransformersEngine(model, tokenizer, max_prompt_length=8, max_completion_length=8,
-                           cache="dynamic", compile=True)
+        TransformersEngine(model, tokenizer, sampling, cache="dynamic", compile=True)
     with pytest.raises(ValueError, match="cache must be"):
-        TransformersEngine(model, tokenizer, max_prompt_length=8, max_completion_length=8,
-                           cache="paged")
+        TransformersEngine(model, tokenizer, sampling, cache="paged")
     with pytest.raises(ValueError, match="compile_generation needs"):
         GRPOConfig(output_dir=str(tmp_path), generation_cache="dynamic",
                    compile_generation=True).resolve()

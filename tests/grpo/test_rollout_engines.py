@@ -16,7 +16,14 @@ import torch
 
 from grpo.config import GRPOConfig
 from grpo.metrics import read_metrics
-from grpo.rollout import rollout_from_tokens, tokenize_prompts
+from grpo.rollout import (
+    Rollout,
+    SamplingParams,
+    engine_options,
+    make_engine,
+    rollout_from_tokens,
+    tokenize_prompts,
+)
 from grpo.trainer import GRPOTrainer
 from kernels.reference import sampler_importance_weights
 from models import char_tokenizer, load_model, make_tiny
@@ -41,6 +48,45 @@ def test_rollout_from_tokens_masks_by_length_even_when_pad_is_eos():
     assert math.isnan(r.sampler_logp[1, 1]) and r.sampler_logp[0, 1] == pytest.approx(-0.2)
     with pytest.raises(ValueError, match="exceeds max_completion_length"):
         rollout_from_tokens(tok, ids, mask, [a * 5, b], max_completion_length=4)
+
+
+def _tokens(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_rollout_select_and_cat_keep_rows_and_padding():
+    tok = char_tokenizer()
+    pad, eos = tok.pad_token_id, tok.eos_token_id
+    cpu = torch.device("cpu")
+    ids, mask = tokenize_prompts(tok, ["1+1=", "12+3="], 16, "error", cpu)
+    wide = rollout_from_tokens(tok, ids, mask, [_tokens(tok, "2") + [eos], _tokens(tok, "153")],
+                               max_completion_length=4)
+    ids, mask = tokenize_prompts(tok, ["7="], 16, "error", cpu)
+    narrow = rollout_from_tokens(tok, ids, mask, [[eos]], max_completion_length=4)
+    # Row indices, a bool mask and a slice pick the same rows, every field alike.
+    for rows in ([1], torch.tensor([False, True]), slice(1, 2)):
+        r = wide.select(rows)
+        assert r.texts == ["153"] and r.truncated.tolist() == [True]
+        assert torch.equal(r.prompt_ids, wide.prompt_ids[1:]) and r.lengths.tolist() == [3]
+    both = Rollout.cat([narrow, wide.select([1, 0])], pad)
+    assert both.texts == ["", "153", "2"] and both.lengths.tolist() == [1, 3, 2]
+    # Prompts re-padded on the left, completions on the right.
+    assert both.prompt_ids.shape == (3, 5) and both.prompt_mask[0].tolist() == [0, 0, 0, 1, 1]
+    assert both.prompt_ids[0, :3].tolist() == [pad] * 3
+    assert both.completion_ids[0].tolist() == [eos, pad, pad]
+    assert both.completion_mask[0].tolist() == [1, 0, 0]
+    assert Rollout.cat([wide], pad) is wide
+
+
+def test_make_engine_takes_only_the_chosen_engines_options():
+    model = tok = None  # options are checked before an engine is built
+    sampling = SamplingParams(max_prompt_length=8, max_completion_length=4)
+    assert engine_options("transformers") == ("replay", "cache", "compile")
+    assert "gpu_memory_utilization" in engine_options("vllm")
+    with pytest.raises(TypeError, match="transformers rollout engine does not take sleep"):
+        make_engine("transformers", model, tok, sampling, sleep=True)
+    with pytest.raises(ValueError, match="rollout must be one of"):
+        make_engine("sglang", model, tok, sampling)
 
 
 def test_sampler_importance_weights_by_hand():

@@ -1,4 +1,4 @@
-"""Rollouts with vLLM, colocated with the trainer on the same GPU(s): `--rollout vllm`.
+"""The vLLM engine, colocated with the trainer on the same GPU(s): `--rollout vllm`.
 
 vLLM keeps its own copy of the weights in its own layout. After each GRPO step's updates the
 trainer calls `sync_weights()`, which only marks that copy stale; the next `generate()`
@@ -13,6 +13,9 @@ vLLM returns the log-prob of each sampled token under the distribution it sample
 sampler correction (kernels.reference.sampler_importance_weights) compares with the trainer's.
 Token ids go in and come out as ids (`skip_tokenizer_init`): our tokenizer decodes, so
 prompts and completions are tokenised exactly as the trainer sees them.
+
+The `vllm` package is imported only when an engine is built: it is optional (and needs a GPU),
+and everything else in grpo works without it.
 """
 
 from __future__ import annotations
@@ -22,56 +25,81 @@ from collections.abc import Iterator
 
 import torch
 
-from .rollout import Rollout, rollout_from_tokens, tokenize_prompts
+from .. import distributed
+from .types import Rollout, SamplingParams, rollout_from_tokens, tokenize_prompts
 
 
 def _require_vllm():
     try:
         import vllm
     except ImportError as e:
-        raise ValueError("--rollout vllm needs the vllm package (pip install -e '.[vllm]') "
-                         "and a CUDA GPU") from e
+        raise ValueError(
+            "--rollout vllm needs the vllm package (pip install -e '.[vllm]') and a CUDA GPU"
+        ) from e
     return vllm
 
 
 class VLLMEngine:
-    """The Engine interface (grpo.rollout.Engine) on a colocated vllm.LLM."""
+    """The Engine interface (grpo.rollout.Engine) on a colocated vllm.LLM.
 
-    def __init__(self, model, tokenizer, model_path: str, *, max_prompt_length: int,
-                 max_completion_length: int, temperature: float = 1.0, top_p: float = 1.0,
-                 overflow: str = "truncate", ignore_eos: bool = False,
-                 gpu_memory_utilization: float = 0.3,
-                 sleep: bool = False, seed: int = 0, llm=None):
+    model_path: the checkpoint vLLM loads (its weights are replaced by the policy's before
+    the first generation unless `mark_weights_current()` says they already are the policy's).
+    gpu_memory_utilization: vLLM's share of the GPU (weights plus KV cache). sleep: release
+    vLLM's KV cache after each generation, for the update. seed: vLLM's sampling seed (plus
+    the rank under torchrun). llm: an already built vllm.LLM to sample with instead of
+    building one (model_path, gpu_memory_utilization and seed then go unused).
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        sampling: SamplingParams,
+        *,
+        model_path: str = "",
+        gpu_memory_utilization: float = 0.3,
+        sleep: bool = False,
+        seed: int = 0,
+        llm=None,
+    ):
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer needs a pad token and an EOS token for rollouts")
         vllm = _require_vllm()
         self.vllm = vllm
-        self.model, self.tokenizer = model, tokenizer
-        self.max_prompt_length, self.max_completion_length = max_prompt_length, \
-            max_completion_length
-        self.temperature, self.top_p, self.overflow = temperature, top_p, overflow
-        self.sleep, self.ignore_eos = sleep, ignore_eos
+        self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
+        self.sleep = sleep
         if llm is None:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in our process
-            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-            extra = {"distributed_executor_backend": "external_launcher"} if distributed else {}
+            sharded = distributed.is_distributed()
+            extra = {"distributed_executor_backend": "external_launcher"} if sharded else {}
             dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
             llm = vllm.LLM(
-                model=str(model_path), skip_tokenizer_init=True,
+                model=str(model_path),
+                skip_tokenizer_init=True,
                 dtype="bfloat16" if dtype == torch.float32 else str(dtype).removeprefix("torch."),
                 gpu_memory_utilization=gpu_memory_utilization,
-                max_model_len=max_prompt_length + max_completion_length,
-                logprobs_mode="processed_logprobs", enable_sleep_mode=sleep,
-                seed=seed + (torch.distributed.get_rank() if distributed else 0), **extra)
+                max_model_len=sampling.max_prompt_length + sampling.max_completion_length,
+                logprobs_mode="processed_logprobs",
+                enable_sleep_mode=sleep,
+                seed=seed + distributed.rank(),
+                **extra,
+            )
         self.llm = llm
-        self.stale = True  # the cold start (or a resume) changed the weights since loading
+        # vLLM's copy differs from the policy until the first push: the cold start (or a
+        # resume) changed the policy's weights since model_path was written.
+        self._stale = True
         self.asleep = False
 
     # --- weights ----------------------------------------------------------------------
 
     def sync_weights(self) -> None:
         """The policy changed: push its weights before the next generation."""
-        self.stale = True
+        self._stale = True
+
+    def mark_weights_current(self) -> None:
+        """vLLM's copy already is the policy's (the policy was loaded from model_path and has
+        not changed, as in grpo-eval and grpo-sample): the next generate() pushes nothing."""
+        self._stale = False
 
     def _policy_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, full tensor) of every parameter and buffer vLLM loads; sharded (FSDP)
@@ -85,63 +113,83 @@ class VLLMEngine:
 
     def _push_weights(self) -> None:
         weights = self._policy_weights()
-        driver = getattr(getattr(self.llm.llm_engine, "model_executor", None), "driver_worker",
-                         None)
+        executor = getattr(self.llm.llm_engine, "model_executor", None)
+        driver = getattr(executor, "driver_worker", None)
         runner = getattr(getattr(driver, "worker", driver), "model_runner", None)
         target = getattr(runner, "model", None)
         if target is not None:  # in process: hand over the tensors themselves
             target.load_weights(weights)
         else:
             materialised = list(weights)
-            self.llm.collective_rpc(lambda worker: worker.model_runner.model.load_weights(
-                materialised))
+            self.llm.collective_rpc(
+                lambda worker: worker.model_runner.model.load_weights(materialised)
+            )
         self.llm.reset_prefix_cache()
-        self.stale = False
+        self._stale = False
 
     # --- generation -------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], num_generations: int, *,
-                 greedy: bool = False) -> Rollout:
+    def generate(
+        self, prompts: list[str], num_generations: int, *, greedy: bool = False
+    ) -> Rollout:
         """As TransformersEngine.generate: rows [i*G, (i+1)*G) belong to prompts[i]."""
+        sampling = self.sampling
         device = next(self.model.parameters()).device
-        ids, mask = tokenize_prompts(self.tokenizer, prompts, self.max_prompt_length,
-                                     self.overflow, device)
+        ids, mask = tokenize_prompts(
+            self.tokenizer, prompts, sampling.max_prompt_length, sampling.prompt_overflow, device
+        )
         if self.asleep:
             self.llm.wake_up()
             self.asleep = False
-        if self.stale:
+        if self._stale:
             self._push_weights()
         g = 1 if greedy else num_generations
+        eos = self.tokenizer.eos_token_id
         params = self.vllm.SamplingParams(
-            n=g, temperature=0.0 if greedy else self.temperature,
-            top_p=1.0 if greedy else self.top_p, max_tokens=self.max_completion_length,
-            logprobs=0, stop_token_ids=[] if self.ignore_eos else [self.tokenizer.eos_token_id],
-            ignore_eos=self.ignore_eos, detokenize=False)
-        requests = [{"prompt_token_ids": row[m.bool()].tolist()} for row, m in zip(ids, mask,
-                                                                                   strict=True)]
+            n=g,
+            temperature=0.0 if greedy else sampling.temperature,
+            top_p=1.0 if greedy else sampling.top_p,
+            max_tokens=sampling.max_completion_length,
+            logprobs=0,
+            stop_token_ids=[] if sampling.ignore_eos else [eos],
+            ignore_eos=sampling.ignore_eos,
+            detokenize=False,
+        )
+        requests = [
+            {"prompt_token_ids": row[m.bool()].tolist()} for row, m in zip(ids, mask, strict=True)
+        ]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         if self.sleep:
             self.llm.sleep(level=1)  # free the KV cache for the update
             self.asleep = True
-        eos = self.tokenizer.eos_token_id
         completions, logps = [], []
         for request in outputs:
             if len(request.outputs) != g:
                 raise RuntimeError(f"vllm returned {len(request.outputs)} completions, not {g}")
             for out in sorted(request.outputs, key=lambda o: o.index):
                 tokens = list(out.token_ids)
-                logp = [_sampled_logprob(step, tok) for step, tok in
-                        zip(out.logprobs or [None] * len(tokens), tokens, strict=True)]
-                if out.finish_reason == "stop" and (not tokens or tokens[-1] != eos) \
-                        and len(tokens) < self.max_completion_length:
+                steps = out.logprobs or [None] * len(tokens)
+                logp = [
+                    _sampled_logprob(step, tok) for step, tok in zip(steps, tokens, strict=True)
+                ]
+                if (
+                    out.finish_reason == "stop"
+                    and (not tokens or tokens[-1] != eos)
+                    and len(tokens) < sampling.max_completion_length
+                ):
                     tokens.append(eos)  # stopped on EOS without returning it
                     logp.append(float("nan"))  # unknown: the correction treats it as 1
                 completions.append(tokens)
                 logps.append(logp)
-        return rollout_from_tokens(self.tokenizer, ids.repeat_interleave(g, 0),
-                                   mask.repeat_interleave(g, 0), completions, logps,
-                                   max_completion_length=self.max_completion_length)
+        return rollout_from_tokens(
+            self.tokenizer,
+            ids.repeat_interleave(g, 0),
+            mask.repeat_interleave(g, 0),
+            completions,
+            logps,
+            max_completion_length=sampling.max_completion_length,
+        )
 
 
 def _sampled_logprob(step, token: int) -> float:
