@@ -1,5 +1,11 @@
 """Rule-based rewards, as in DeepSeek-R1-Zero: programs that check a completion.
 
+This module holds the rewards that hold for any task and the machinery around them: answer
+extraction and normalisation, accuracy against an ``answer`` column, format, language
+consistency, DAPO's overlong punishment, the ``REWARDS`` names with ``resolve_reward``, and
+``score`` for a batch. A reward that only makes sense for one built-in task lives with that
+task in ``grpo.tasks`` (Countdown's in ``grpo.tasks.countdown``) and is named here too.
+
 A reward function has the signature ``fn(completions, **columns) -> list[float | None]``:
 
 - ``completions``: the decoded completion texts (EOS/PAD already stripped);
@@ -14,11 +20,9 @@ convention); ``score`` turns it into NaN for ``group_advantages`` to skip.
 
 from __future__ import annotations
 
-import ast
 import importlib
 import math
 import re
-from collections import Counter
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from typing import Any
@@ -32,7 +36,6 @@ __all__ = [
     "RewardError",
     "accuracy_reward",
     "answer_key",
-    "countdown_reward",
     "extract_answer",
     "format_reward",
     "language_consistency_reward",
@@ -243,65 +246,6 @@ def language_consistency_reward(
     return out
 
 
-_ALLOWED_OPS = {ast.Add: Fraction.__add__, ast.Sub: Fraction.__sub__,
-                ast.Mult: Fraction.__mul__, ast.Div: Fraction.__truediv__}
-_EXPR_CHARS = re.compile(r"[\d+\-*/()\s]+")
-# Long enough for any sensible equation; bounds the parser's work on adversarial text.
-_MAX_EXPR_CHARS = 256
-
-
-def _eval_countdown(expr: str) -> tuple[Fraction, list[int]] | None:
-    """Value and integer literals of an expression of integers, + - * / and parentheses.
-
-    Returns None if the text is anything else (unary minus, floats, names, calls...) or divides
-    by zero. Walks the AST itself with a whitelist: never eval().
-    """
-    if len(expr) > _MAX_EXPR_CHARS or not _EXPR_CHARS.fullmatch(expr):
-        return None
-    try:
-        tree = ast.parse(expr.strip(), mode="eval")
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return None
-    literals: list[int] = []
-
-    def walk(node: ast.AST) -> Fraction:
-        if isinstance(node, ast.BinOp) and type(node.op) in _ALLOWED_OPS:
-            return _ALLOWED_OPS[type(node.op)](walk(node.left), walk(node.right))
-        if isinstance(node, ast.Constant) and type(node.value) is int:
-            literals.append(node.value)
-            return Fraction(node.value)
-        raise ValueError(f"disallowed syntax: {type(node).__name__}")
-
-    try:
-        return walk(tree.body), literals
-    except (ValueError, ZeroDivisionError, RecursionError):
-        return None
-
-
-def countdown_reward(
-    completions: list[str], numbers: Sequence[Sequence[int]], target: Sequence[int],
-    **kwargs: Any,
-) -> list[float]:
-    """1.0 if the last ``<answer>`` is an expression that reaches ``target`` exactly, else 0.0.
-
-    Allowed: integers, + - * /, parentheses (no unary minus). Each given number may be used at
-    most once and no other number may appear. Arithmetic is exact (Fractions), so 7/2*2 == 7;
-    division by zero scores 0.
-    """
-    out = []
-    for text, nums, tgt in zip(completions, numbers, target, strict=True):
-        expr = extract_answer(text)
-        parsed = _eval_countdown(expr) if expr else None
-        if parsed is None:
-            out.append(0.0)
-            continue
-        value, used = parsed
-        # Counter subtraction keeps only positive counts: anything left was not available.
-        over = Counter(used) - Counter(int(n) for n in nums)
-        out.append(float(not over and value == Fraction(int(tgt))))
-    return out
-
-
 def _per_sample(value: Any, i: int) -> Any:
     """The i-th item of a column given as a list, or the value itself if it is a scalar."""
     return value[i] if isinstance(value, (list, tuple)) else value
@@ -333,6 +277,12 @@ def overlong_reward(
     return out
 
 
+# A task's own reward lives with its task (grpo.tasks), which builds on the generic rewards
+# above: imported here, after them, so that either module may be imported first.
+from .tasks.countdown import countdown_reward  # noqa: E402
+
+# The names the CLI and configs accept (``--reward NAME``); each task's default rewards
+# (``Task.reward_functions()``) use these names too.
 REWARDS: dict[str, RewardFn] = {
     "accuracy": accuracy_reward,
     "format": format_reward,

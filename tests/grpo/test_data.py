@@ -1,106 +1,22 @@
-"""Tasks, streams, held-out splits, JSONL datasets and prompt templates."""
+"""Streams, held-out splits, JSONL datasets and prompt templates (the tasks themselves:
+test_tasks.py)."""
 
 import json
 
 import pytest
 
 from grpo.data import (
-    TASKS,
     TEMPLATES,
-    ArithmeticTask,
-    CountdownTask,
     DatasetError,
     JsonlStream,
-    SortTask,
     TrainStream,
     format_prompt,
     load_jsonl,
-    make_task,
     split_examples,
     task_splits,
 )
-from grpo.rewards import accuracy_reward, countdown_reward, format_reward
+from grpo.tasks import ArithmeticTask, CountdownTask
 from models import char_tokenizer
-
-TASK_CONFIGS = [
-    ("arithmetic", {}),
-    ("arithmetic", {"digits": 3, "operators": "+-*"}),
-    ("arithmetic", {"digits": 1, "operators": "-", "negative": False}),
-    ("countdown", {}),
-    ("countdown", {"count": 4, "max_number": 50}),
-    ("sort", {}),
-    ("reverse", {"length": 4}),
-]
-IDS = [f"{name}-{i}" for i, (name, _) in enumerate(TASK_CONFIGS)]
-
-
-@pytest.mark.parametrize("name, options", TASK_CONFIGS, ids=IDS)
-def test_task_deterministic(name, options):
-    task = make_task(name, **options)
-    a = [task.example(i, seed=7) for i in range(50)]
-    assert a == [make_task(name, **options).example(i, seed=7) for i in range(50)]
-    b = [task.example(i, seed=8) for i in range(50)]
-    assert [x["prompt"] for x in a] != [x["prompt"] for x in b]
-    assert all(isinstance(x["prompt"], str) and isinstance(x["answer"], str) for x in a)
-
-
-@pytest.mark.parametrize("name, options", TASK_CONFIGS, ids=IDS)
-def test_solutions_earn_full_reward(name, options):
-    task = make_task(name, **options)
-    examples = [task.example(i, seed=0) for i in range(200)]
-    solutions = [task.solution(ex) for ex in examples]
-    answers = [ex["answer"] for ex in examples]
-    assert accuracy_reward(solutions, answer=answers) == [1.0] * 200
-    assert format_reward(solutions) == [1.0] * 200
-    if name == "countdown":
-        got = countdown_reward(solutions, numbers=[ex["numbers"] for ex in examples],
-                               target=[ex["target"] for ex in examples])
-        assert got == [1.0] * 200
-        assert all(len(ex["numbers"]) == task.count for ex in examples)
-    # Everything is in the character tokenizer's vocabulary (no <unk>).
-    tok = char_tokenizer()
-    for ex, sol in zip(examples[:20], solutions[:20], strict=True):
-        ids = tok(ex["prompt"] + sol, add_special_tokens=False)["input_ids"]
-        assert tok.unk_token_id not in ids
-        assert tok.decode(ids) == ex["prompt"] + sol
-
-
-def test_task_contents():
-    ex = ArithmeticTask(digits=2, operators="*").example(0, seed=0)
-    a, b = map(int, ex["prompt"].split("*"))
-    assert ex["answer"] == str(a * b) and a < 100 and b < 100
-    sol = ArithmeticTask().solution({"prompt": "47+38", "answer": "85"})
-    assert sol == "<think>7+8=15, 4+3+1=8, so 85</think><answer>85</answer>"
-    sol = ArithmeticTask().solution({"prompt": "38-47", "answer": "-9"})
-    assert sol.endswith("so -9</think><answer>-9</answer>")
-    for i in range(100):
-        ex = ArithmeticTask(operators="-", negative=False).example(i, seed=0)
-        assert int(ex["answer"]) >= 0
-
-    ex = CountdownTask(count=3, max_number=20).example(3, seed=1)
-    assert ex["prompt"] == f"Using {' '.join(map(str, ex['numbers']))} make {ex['target']}"
-    assert all(1 <= n <= 20 for n in ex["numbers"])
-    targets = [CountdownTask().example(i, seed=0)["target"] for i in range(200)]
-    assert all(isinstance(t, int) and 0 < t <= 100 for t in targets)
-
-    ex = SortTask(length=6, max_value=9).example(0, seed=0)
-    values = list(map(int, ex["prompt"].split()[1:]))
-    assert len(values) == 6 and ex["answer"] == " ".join(map(str, sorted(values)))
-    ex = make_task("reverse").example(0, seed=0)
-    assert ex["prompt"].startswith("sort desc ")
-    assert ex["answer"] == " ".join(map(str, sorted(map(int, ex["prompt"].split()[2:]),
-                                                   reverse=True)))
-    assert make_task("reverse").name == "reverse" and SortTask().name == "sort"
-
-
-def test_make_task_errors():
-    assert set(TASKS) == {"arithmetic", "countdown", "sort", "reverse"}
-    with pytest.raises(ValueError, match="unknown task 'nope'.*arithmetic"):
-        make_task("nope")
-    with pytest.raises(ValueError, match="operators"):
-        ArithmeticTask(operators="+/")
-    with pytest.raises(TypeError):
-        make_task("sort", digits=3)
 
 
 def test_eval_train_disjoint():

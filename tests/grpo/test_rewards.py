@@ -9,7 +9,6 @@ from grpo.rewards import (
     REWARDS,
     RewardError,
     accuracy_reward,
-    countdown_reward,
     extract_answer,
     format_reward,
     language_consistency_reward,
@@ -132,47 +131,6 @@ def test_language_consistency_reward():
 def test_language_only_counts_reasoning():
     text = "<think>think in English</think><answer>答案是八十五</answer>"
     assert language_consistency_reward([text]) == [1.0]
-
-
-# ------------------------------------------------------------------------------------ countdown
-
-
-@pytest.mark.parametrize("answer, expected", [
-    ("12+7", 1.0),  # valid, 3 unused (at most once)
-    ("12+7*3/3", 0.0),  # 3 reused
-    ("12+7+3-3", 0.0),  # 3 reused
-    ("12*3-17", 0.0),  # 17 not given
-    ("12+7+3", 0.0),  # wrong result
-    ("19", 0.0),  # 19 not given
-    ("12+7+3/(7-7)", 0.0),  # division by zero (and reuse)
-    ("(3*12+2)/2", 0.0),  # 2 not given
-    (" ( 12 + 7 ) ", 1.0),
-    ("-3+12+7+3", 0.0),  # unary minus is not allowed
-    ("12.0+7", 0.0),  # floats are not integers
-    ("12**1+7", 0.0),  # power is not allowed
-    ("12+7=19", 0.0),  # an equation, not an expression
-    ("__import__('os')", 0.0),
-    ("__import__('os').system('true')", 0.0),
-    ("(lambda: 19)()", 0.0),
-    ("12+7 if True else 0", 0.0),
-    ("", 0.0),
-    ("(" * 300 + "12+7" + ")" * 300, 0.0),  # too long for the parser guard
-])
-def test_countdown_reward(answer, expected):
-    got = countdown_reward([fmt("", answer)], numbers=[[3, 7, 12]], target=[19])
-    assert got == [expected]
-
-
-def test_countdown_duplicate_numbers_and_missing_answer():
-    # A number given twice may be used twice; one given once may not.
-    assert countdown_reward([fmt("", "6+6+4")], numbers=[[6, 6, 4]], target=[16]) == [1.0]
-    assert countdown_reward([fmt("", "4+4+6+2")], numbers=[[6, 6, 4]], target=[16]) == [0.0]
-    assert countdown_reward(["<think>12+7</think>"], numbers=[[3, 7, 12]], target=[19]) == [0.0]
-    # Exact arithmetic: 7/2*6 is 21, not 18 as with floor division.
-    assert countdown_reward([fmt("", "7/2*6")], numbers=[[2, 6, 7]], target=[21]) == [1.0]
-    # Division by zero with every number used once.
-    assert countdown_reward([fmt("", "12+7+3/(3-3)")], numbers=[[3, 3, 7, 12]],
-                            target=[19]) == [0.0]
 
 
 # ------------------------------------------------------------------------------------ overlong

@@ -1,0 +1,47 @@
+"""Built-in verifiable tasks: each module holds one task's generator, worked solution and
+reward (``Task.reward_functions()``), and this registry builds them by name.
+
+- ``arithmetic``: ``ArithmeticTask`` ("47+38" -> "85"), checked by accuracy and format;
+- ``countdown``: ``CountdownTask`` ("Using 3 7 12 make 19"), checked by its own
+  ``countdown_reward`` and format;
+- ``sort``, ``reverse``: ``SortTask``, ``ReverseTask`` ("sort 31 5 77" -> "5 31 77"), checked
+  by accuracy and format.
+
+Built-in tasks are generated, not downloaded, and all their text is printable ASCII, so the
+character tokenizer of ``models.tiny`` covers it. Streams and held-out splits of a task are
+in ``grpo.data``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .arithmetic import ArithmeticTask
+from .base import Task, worked_answer
+from .countdown import CountdownTask
+from .sort import ReverseTask, SortTask
+
+__all__ = [
+    "TASKS",
+    "ArithmeticTask",
+    "CountdownTask",
+    "ReverseTask",
+    "SortTask",
+    "Task",
+    "make_task",
+    "worked_answer",
+]
+
+TASKS: dict[str, type[Task]] = {
+    "arithmetic": ArithmeticTask,
+    "countdown": CountdownTask,
+    "sort": SortTask,
+    "reverse": ReverseTask,
+}
+
+
+def make_task(name: str, **options: Any) -> Task:
+    """Build the task registered as ``name`` with its keyword options."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
+    return TASKS[name](**options)
