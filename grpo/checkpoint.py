@@ -1,55 +1,63 @@
-"""Training checkpoints that a crash can never destroy: model, optimizer, scheduler, RNG, state.
+"""Training checkpoints: one format at any number of processes, never destroyed by a crash.
 
-A checkpoint is one directory:
+A checkpoint is one directory, the same for one process and for N under torchrun:
 
     checkpoint/
-      model/              HF-format model + tokenizer (models.save_model), loadable anywhere
-      trainer_state.pt    {"optimizer", "scheduler", "rng", "state", "version"} (torch.save)
-      state.json          the trainer's JSON-able `state` (step, data position...), for humans
+      dcp/              model and optimizer state, torch.distributed.checkpoint (DCP): one
+                        `__R_0.distcp` file per process that saved it, plus `.metadata`
+      model/            the model in Hugging Face layout + tokenizer (models.save_model), for
+                        users: `load_model`, `from_pretrained` and `--model` read it; resuming
+                        does not (dcp/ holds the same weights)
+      trainer_state.pt  {"version", "scheduler", "rng", "state"} (torch.save, by rank 0)
+      state.json        the trainer's `state` (step, data position...) as JSON, for humans;
+                        written last, so a directory holding it is complete
 
-It is built whole as a hidden sibling `.checkpoint.tmp-XXXXXXXX` and only then swapped in
-(the previous checkpoint is moved aside, the new one renamed into place, the old one
-deleted), so at every moment a complete checkpoint exists on disk. The one window where
-`checkpoint` itself is absent (between the two renames) is repaired by `find_checkpoint`.
-One process writes a run directory at a time; leftovers of a crashed save are removed by the
-next successful one.
+DCP names every tensor by its parameter name and records which slice of the full tensor each
+process wrote, so `dcp/` loads into a plain model or into an FSDP2-sharded one over any
+number of processes, resharding on the way: a run resumes with another world size, one
+process (without torchrun) included. Without a process group DCP reads and writes in the
+one process. `model/` is gathered and written by rank 0 (fp32 master weights under FSDP).
 
-A distributed run (FSDP2-sharded policy, see grpo/distributed.py) writes the same layout plus
-`sharded/`, a torch.distributed.checkpoint directory with the model and optimizer state in
-shards, written by every rank in parallel. It is resharded on load, so a run can resume with
-any number of processes (one included, without torchrun); `model/` is the gathered model,
-written by rank 0. Each rank's RNG state is kept; a different world size re-seeds instead.
-A single-process checkpoint resumes under torchrun too: every rank shards the full state.
+`rng` is a list with one `capture_rng()` dict per rank. Resumed by as many processes as saved
+it, each rank gets its own states back and the run continues exactly; by another number,
+each rank re-seeds from the step and its rank (the data order is global, only sampling
+differs). `version` is checked on load: a checkpoint in another format, such as format 1
+(before: `model/` + the optimizer inside `trainer_state.pt`, `sharded/` under torchrun),
+fails with a ValueError that says what to do.
 
-`trainer_state.pt` holds only tensors and plain Python values, so it is read with
-`torch.load(weights_only=True)`: loading a checkpoint never runs pickled code.
+The directory is built whole under a hidden sibling name `.checkpoint.tmp-XXXXXXXX` and only
+then swapped in (grpo.files), so at every moment a complete checkpoint exists on disk; the one
+window where `checkpoint` itself is absent (between the two renames of the swap) is repaired
+by `find_checkpoint`. One run writes a run directory at a time; leftovers of a crashed save
+are removed by the next successful one.
+
+`trainer_state.pt` holds only tensors and plain values and is read with
+`torch.load(weights_only=True)`. DCP itself unpickles its `.metadata` and the optimizer's
+non-tensor values (torch 2.13): load only checkpoints you trust, as with any DCP checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import uuid
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from models import load_model, save_model
-from models.saving import _replace_dir
-
-from . import distributed
+from . import distributed, files
 
 CHECKPOINT_NAME = "checkpoint"
+DCP_DIR = "dcp"
 MODEL_DIR = "model"
 TRAINER_STATE = "trainer_state.pt"
 STATE_JSON = "state.json"
-SHARDED_DIR = "sharded"
-_FORMAT_VERSION = 1
-_TRAINER_KEYS = ("optimizer", "scheduler", "rng", "state")
+FORMAT_VERSION = 2
+_PARTS = (DCP_DIR, MODEL_DIR, TRAINER_STATE, STATE_JSON)
+_TRAINER_KEYS = ("version", "scheduler", "rng", "state")
 
 
 def save_checkpoint(
@@ -62,33 +70,44 @@ def save_checkpoint(
 ) -> Path:
     """Write a complete checkpoint to `path`, replacing any previous one atomically.
 
-    state: JSON-able trainer state (step, data position, ...); it comes back from
-    `load_checkpoint` as given. Returns `path`.
+    A collective under torchrun: every rank calls it (each writes its shard of dcp/; rank 0
+    writes the rest). state: JSON-able trainer state (step, data position, ...); it comes back
+    from `load_checkpoint` as given. Returns `path`.
     """
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     path = Path(path)
     # Serialise first: a state that is not JSON-able fails before anything is written.
     state_text = json.dumps(state, indent=2) + "\n"
-    if distributed.is_sharded(model):
-        return _save_sharded(path, model, tokenizer, optimizer, scheduler, state, state_text)
-    trainer_state = {
-        "version": _FORMAT_VERSION,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "rng": capture_rng(),
-        "state": state,
-    }
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
-        save_model(model, tokenizer, tmp / MODEL_DIR)
-        torch.save(trainer_state, tmp / TRAINER_STATE)
-        # Written last: a temp dir holding state.json is complete (find_checkpoint relies on it).
-        (tmp / STATE_JSON).write_text(state_text)
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _remove_leftovers(path)
+    main = distributed.is_main()
+    rngs = distributed.all_gather_objects(capture_rng())
+    temp = distributed.broadcast_object(files.temp_path(path))
+    with files.atomic_path(path, temp=temp, owner=main) as tmp:
+        if main:
+            tmp.mkdir()
+        distributed.barrier()
+        distributed.save_full_model(model, tokenizer, tmp / MODEL_DIR)
+        model_state, optim_state = get_state_dict(model, optimizer)
+        with _dcp_errors():
+            _dcp().save(
+                {"model": model_state, "optimizer": optim_state},
+                checkpoint_id=str(tmp / DCP_DIR),
+                no_dist=not distributed.is_distributed(),
+            )
+        distributed.barrier()
+        if main:
+            trainer_state = {
+                "version": FORMAT_VERSION,
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "rng": rngs,
+                "state": state,
+            }
+            torch.save(trainer_state, tmp / TRAINER_STATE)
+            # Written last: a temp dir holding state.json is complete (find_checkpoint).
+            (tmp / STATE_JSON).write_text(state_text)
+    if main:
+        _remove_leftovers(path)
+    distributed.barrier()
     return path
 
 
@@ -102,126 +121,53 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore a checkpoint into the existing model, optimizer and scheduler; return `state`.
 
-    The weights are copied into `model`'s own parameters (so the optimizer's references stay
-    valid) in the model's dtype; the optimizer state is loaded onto `device` (that of the
-    parameters); Python, NumPy, torch and CUDA RNG states are restored last, so the run
-    continues exactly as if it had never stopped. Everything is read and checked before
-    anything is modified: FileNotFoundError for missing pieces, ValueError (models'
-    CheckpointError included) for unreadable or mismatched ones, each naming the path.
+    A collective under torchrun. The model may be plain or FSDP2-sharded, over any number of
+    processes. Weights and optimizer state are copied into the model's own parameters and the
+    optimizer's own state (so references to them stay valid), in their dtypes and on their
+    devices; Python, NumPy, torch and CUDA RNG states are restored last, so the run continues
+    exactly as if it had never stopped. The format version, the files, the scheduler and the
+    names and shapes of every saved tensor are checked before the model is modified:
+    FileNotFoundError for missing pieces, ValueError for another format and unreadable or
+    mismatched pieces, each naming the path. (A shard file damaged in its data is only noticed
+    while loading: the ValueError then comes with the model partly loaded.)
+    device: where the trainer's tensors live (`trainer_state.pt` is mapped there).
     """
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
     path = Path(path)
-    _check_files(path)
-    trainer_state = _read_trainer_state(path / TRAINER_STATE, device)
-    if (path / SHARDED_DIR).is_dir():
-        return _load_sharded(path, trainer_state, model, optimizer, scheduler)
-    _check_optimizer(path, trainer_state["optimizer"], optimizer)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no checkpoint directory")
+    # The version first: a checkpoint of another format lacks some of this format's parts.
+    if (path / TRAINER_STATE).exists():
+        trainer_state = _read_trainer_state(path, device)
+    missing = [name for name in _PARTS if not (path / name).exists()]
+    if missing:
+        raise FileNotFoundError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
     if scheduler is not None and trainer_state["scheduler"] is None:
         raise ValueError(f"{path}: checkpoint was saved without a scheduler, but one was given")
 
-    # A fresh copy on the host, not on `device`: it is only a source of tensors (memory-mapped
-    # from the files), so loading never needs room for a second model on the accelerator.
-    fresh, _ = load_model(path / MODEL_DIR, dtype=_model_dtype(model), device="cpu")
-    weights = fresh.state_dict()
-    _check_weights(path, weights, model.state_dict())
-    if distributed.is_sharded(model):  # a single-process checkpoint, resumed under torchrun
-        _load_full_into_sharded(model, optimizer, weights, trainer_state["optimizer"])
-    else:
-        model.load_state_dict(weights)
-        optimizer.load_state_dict(trainer_state["optimizer"])
-    del fresh, weights
-    if scheduler is not None:
-        scheduler.load_state_dict(trainer_state["scheduler"])
-    # Last: building the fresh model above draws from the torch RNG (parameter init).
-    _restore_rngs(trainer_state)
-    return trainer_state["state"]
-
-
-def _load_full_into_sharded(model, optimizer, weights: dict, optim_state: dict) -> None:
-    """Every rank shards a full (single-process) model and optimizer state into its FSDP
-    model. The saved optimizer numbers its parameters in model.parameters() order; the
-    sharded one is keyed by parameter names (the same names under FSDP2)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    names = [name for name, _ in model.named_parameters()]
-    by_name = {
-        "state": {names[i]: value for i, value in optim_state["state"].items()},
-        "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
-                         for group in optim_state["param_groups"]],
-    }
-    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=by_name,
-                   options=StateDictOptions(full_state_dict=True))
-
-
-def _save_sharded(path: Path, model, tokenizer, optimizer, scheduler, state: dict,
-                  state_text: str) -> Path:
-    """The distributed save: a collective, every rank calls it with its shard."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    tmp = path.parent / distributed.broadcast_object(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    rngs = distributed.all_gather_objects(capture_rng())
-    try:
-        if distributed.is_main():
-            tmp.mkdir(parents=True)
-        distributed.barrier()
-        distributed.save_full_model(model, tokenizer, tmp / MODEL_DIR)
-        model_state, optim_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optimizer": optim_state},
-                 checkpoint_id=str(tmp / SHARDED_DIR))
-        distributed.barrier()
-        if distributed.is_main():
-            torch.save({"version": _FORMAT_VERSION, "optimizer": None,
-                        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                        "rng": rngs, "world_size": distributed.world_size(), "state": state},
-                       tmp / TRAINER_STATE)
-            (tmp / STATE_JSON).write_text(state_text)
-            _replace_dir(tmp, path)
-            _remove_leftovers(path)
-    except BaseException:
-        if distributed.is_main():
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    distributed.barrier()
-    return path
-
-
-def _load_sharded(path: Path, trainer_state: dict, model, optimizer, scheduler) -> dict:
-    """Resharding load of a distributed checkpoint, into a sharded or a plain model."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
+    # State dicts of the model's and optimizer's own tensors, keyed by parameter name as saved
+    # (a fresh optimizer first gets its zero state, from a step with learning rate 0): DCP
+    # reads into them, each process its own slice, and set_state_dict installs them.
     model_state, optim_state = get_state_dict(model, optimizer)
-    saved = {"model": model_state, "optimizer": optim_state}
+    _check_saved_tensors(path / DCP_DIR, model_state, optim_state)
+    loaded = {"model": model_state, "optimizer": optim_state}
     try:
-        dcp.load(saved, checkpoint_id=str(path / SHARDED_DIR))
-    except Exception as e:  # missing keys, wrong shapes, truncated shards
-        raise ValueError(f"{path / SHARDED_DIR}: cannot load into this model and optimizer "
-                         f"({type(e).__name__}: {e})") from e
-    set_state_dict(model, optimizer, model_state_dict=saved["model"],
-                   optim_state_dict=saved["optimizer"])
+        with _dcp_errors():
+            _dcp().load(
+                loaded, checkpoint_id=str(path / DCP_DIR), no_dist=not distributed.is_distributed()
+            )
+    except Exception as e:  # truncated or corrupt shards
+        raise ValueError(
+            f"{path / DCP_DIR}: cannot load into this model and optimizer ({type(e).__name__}: {e})"
+        ) from e
+    set_state_dict(
+        model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"]
+    )
     if scheduler is not None:
-        if trainer_state["scheduler"] is None:
-            raise ValueError(f"{path}: checkpoint was saved without a scheduler, but one was "
-                             f"given")
         scheduler.load_state_dict(trainer_state["scheduler"])
     _restore_rngs(trainer_state)
     return trainer_state["state"]
-
-
-def _restore_rngs(trainer_state: dict) -> None:
-    """This rank's RNG states; with another number of processes than the run that saved them,
-    seeds from the step and rank instead (the data order is global, only sampling differs)."""
-    rngs = trainer_state["rng"]
-    if isinstance(rngs, dict):  # a single-process run's state
-        rngs = [rngs]
-    if len(rngs) == distributed.world_size():
-        restore_rng(rngs[distributed.rank()])
-        return
-    step = int(trainer_state["state"].get("step", 0))
-    seed = 1_000_003 * step + distributed.rank()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def find_checkpoint(run_dir: Path) -> Path | None:
@@ -241,11 +187,12 @@ def find_checkpoint(run_dir: Path) -> Path | None:
         return sorted(found, key=lambda d: (d / STATE_JSON).stat().st_mtime, reverse=True)
 
     # A complete temp dir is always newer than the checkpoint moved aside during its swap.
-    candidates = newest_first(f".{CHECKPOINT_NAME}.tmp-*") + \
-        newest_first(f".{CHECKPOINT_NAME}.old-*")
+    candidates = newest_first(f".{CHECKPOINT_NAME}.tmp-*") + newest_first(
+        f".{CHECKPOINT_NAME}.old-*"
+    )
     if not candidates:
         return None
-    os.replace(candidates[0], path)
+    files.replace(candidates[0], path)
     _remove_leftovers(path)
     return path
 
@@ -276,13 +223,15 @@ def restore_rng(states: dict[str, Any]) -> None:
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
     np_state = states["numpy"]
-    np.random.set_state((
-        np_state["name"],
-        np_state["keys"].cpu().numpy().astype(np.uint32),
-        np_state["pos"],
-        np_state["has_gauss"],
-        np_state["cached_gaussian"],
-    ))
+    np.random.set_state(
+        (
+            np_state["name"],
+            np_state["keys"].cpu().numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
     # RNG states must be CPU byte tensors, whatever map_location the file was loaded with.
     torch.set_rng_state(states["torch"].cpu())
     cuda = states.get("cuda") or []
@@ -291,9 +240,128 @@ def restore_rng(states: dict[str, Any]) -> None:
             torch.cuda.set_rng_state(state.cpu(), i)
 
 
+def _restore_rngs(trainer_state: dict) -> None:
+    """This rank's RNG states; with another number of processes than the run that saved them,
+    seeds from the step and rank instead (the data order is global, only sampling differs)."""
+    rngs = trainer_state["rng"]
+    if len(rngs) == distributed.world_size():
+        restore_rng(rngs[distributed.rank()])
+        return
+    step = int(trainer_state["state"].get("step", 0))
+    seed = 1_000_003 * step + distributed.rank()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _dcp():
+    """torch.distributed.checkpoint, imported on first use (it pulls in much of torch)."""
+    import torch.distributed.checkpoint as dcp
+
+    return dcp
+
+
+@contextmanager
+def _dcp_errors():
+    """Around a DCP save or load: this process's own error, and no single-process warning.
+
+    DCP reports any failure, KeyboardInterrupt included, as a CheckpointException (a
+    BaseException) that lists every rank's; this rank's own exception is raised instead, so
+    Ctrl-C stays a KeyboardInterrupt and a full disk an OSError. Another rank's failure
+    becomes a RuntimeError. DCP also warns on every single-process call that it assumes one
+    process: that is what we ask for (no_dist), so the warning is dropped.
+    """
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
+            )
+            yield
+    except CheckpointException as e:
+        own = e.failures.get(distributed.rank())
+        if own is None:
+            raise RuntimeError(str(e)) from e
+        exc = own[0]
+        raise exc.with_traceback(exc.__traceback__) from exc.__cause__
+
+
+def _read_trainer_state(path: Path, device: str | torch.device) -> dict[str, Any]:
+    """trainer_state.pt, checked: readable, a dict, our format version, every key present."""
+    file = path / TRAINER_STATE
+    try:
+        trainer_state = torch.load(file, map_location=device, weights_only=True)
+    except Exception as e:  # truncated, corrupt or foreign file: torch raises many kinds
+        raise ValueError(f"{file}: cannot read trainer state ({type(e).__name__}: {e})") from e
+    if not isinstance(trainer_state, dict):
+        raise ValueError(f"{file}: not a trainer state (a {type(trainer_state).__name__})")
+    version = trainer_state.get("version")
+    if version is not None and version != FORMAT_VERSION:
+        raise ValueError(_other_format(path, version))
+    missing = [key for key in _TRAINER_KEYS if key not in trainer_state]
+    if missing:
+        raise ValueError(f"{file}: trainer state lacks {', '.join(missing)}")
+    return trainer_state
+
+
+def _other_format(path: Path, version: Any) -> str:
+    if isinstance(version, int) and version < FORMAT_VERSION:
+        return (
+            f"{path}: checkpoint format {version}, written by an older version of this trainer "
+            f"(model/ and trainer_state.pt, without {DCP_DIR}/); this version reads format "
+            f"{FORMAT_VERSION} only. Resume it with the version that wrote it, or start a new "
+            f"run from its weights: --model {path / MODEL_DIR} (the optimizer, scheduler and "
+            f"data position start afresh)"
+        )
+    return (
+        f"{path}: checkpoint format {version!r}; this version of the trainer reads format "
+        f"{FORMAT_VERSION} only (a newer trainer wrote it?)"
+    )
+
+
+def _check_saved_tensors(dcp_dir: Path, model_state: dict, optim_state: dict) -> None:
+    """Compare what dcp/ holds (names, shapes, number of parameter groups; from its metadata)
+    with the model and optimizer given, so that a mismatch fails before anything is loaded."""
+    try:
+        saved = _dcp().FileSystemReader(str(dcp_dir)).read_metadata().state_dict_metadata
+    except Exception as e:
+        raise ValueError(f"{dcp_dir}: cannot read its metadata ({type(e).__name__}: {e})") from e
+
+    def mismatches(prefix: str, given: dict[str, Any]) -> list[str]:
+        names = {key for key in saved if key.startswith(prefix)}
+        bad = sorted(names ^ set(given))
+        for key, value in given.items():
+            size = getattr(saved.get(key), "size", None)
+            if size is not None and isinstance(value, torch.Tensor) and value.shape != size:
+                bad.append(key)
+        return sorted({key[len(prefix) :] for key in bad})
+
+    bad = mismatches("model.", {f"model.{k}": v for k, v in model_state.items()})
+    if bad:
+        raise ValueError(f"{dcp_dir}: weights do not match the model: {_first(bad)}")
+    given_state = {
+        f"optimizer.state.{name}.{key}": value
+        for name, values in optim_state["state"].items()
+        for key, value in values.items()
+    }
+    bad = mismatches("optimizer.state.", given_state)
+    groups = {key.split(".")[2] for key in saved if key.startswith("optimizer.param_groups.")}
+    if bad or len(groups) != len(optim_state["param_groups"]):
+        raise ValueError(
+            f"{dcp_dir}: optimizer parameter groups do not match the checkpoint's "
+            f"({len(groups)} groups saved, {len(optim_state['param_groups'])} given"
+            + (f"; state differs for {_first(bad)})" if bad else ")")
+        )
+
+
+def _first(names: list[str], n: int = 5) -> str:
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
 def _is_complete(path: Path) -> bool:
-    return (path / MODEL_DIR).is_dir() and (path / TRAINER_STATE).is_file() and \
-        (path / STATE_JSON).is_file()
+    return all((path / name).exists() for name in _PARTS)
 
 
 def _remove_leftovers(path: Path) -> None:
@@ -301,52 +369,4 @@ def _remove_leftovers(path: Path) -> None:
     be a whole model); only called once a complete checkpoint is in place."""
     for pattern in (f".{path.name}.tmp-*", f".{path.name}.old-*"):
         for stale in path.parent.glob(pattern):
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def _check_files(path: Path) -> None:
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no checkpoint directory")
-    missing = [name for name in (MODEL_DIR, TRAINER_STATE, STATE_JSON)
-               if not (path / name).exists()]
-    if missing:
-        raise FileNotFoundError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
-
-
-def _read_trainer_state(file: Path, device: str | torch.device) -> dict[str, Any]:
-    try:
-        trainer_state = torch.load(file, map_location=device, weights_only=True)
-    except Exception as e:  # truncated, corrupt or foreign file: torch raises many kinds
-        raise ValueError(f"{file}: cannot read trainer state ({type(e).__name__}: {e})") from e
-    if not isinstance(trainer_state, dict):
-        raise ValueError(f"{file}: not a trainer state (a {type(trainer_state).__name__})")
-    missing = [key for key in _TRAINER_KEYS if key not in trainer_state]
-    if missing:
-        raise ValueError(f"{file}: trainer state lacks {', '.join(missing)}")
-    return trainer_state
-
-
-def _check_optimizer(path: Path, saved: dict, optimizer: torch.optim.Optimizer) -> None:
-    """The optimizer's own check, done before the model is touched (it raises only later)."""
-    saved_sizes = [len(g["params"]) for g in saved.get("param_groups", [])]
-    sizes = [len(g["params"]) for g in optimizer.param_groups]
-    if saved_sizes != sizes:
-        raise ValueError(f"{path}: optimizer parameter groups have sizes {saved_sizes}, "
-                         f"but the given optimizer has {sizes}")
-
-
-def _check_weights(path: Path, saved: dict, current: dict) -> None:
-    mismatched = sorted(set(saved) ^ set(current))
-    mismatched += [k for k in saved if k in current and saved[k].shape != current[k].shape]
-    if mismatched:
-        more = f" and {len(mismatched) - 5} more" if len(mismatched) > 5 else ""
-        raise ValueError(f"{path / MODEL_DIR}: weights do not match the model: "
-                         f"{', '.join(mismatched[:5])}{more}")
-
-
-def _model_dtype(model: torch.nn.Module) -> torch.dtype:
-    """The dtype the model was loaded in (fp32-kept modules aside, as load_model does)."""
-    dtype = getattr(model, "dtype", None)
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-        return dtype
-    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+            files.remove(stale)

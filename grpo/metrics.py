@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from .files import atomic_path, atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
@@ -169,14 +169,8 @@ def plot_metrics(metrics_file: Path | str, out: Path | str, *, title: str = "") 
                     color="gray")
     if title:
         fig.suptitle(title)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=100)  # format given: the temp name has no .png
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return out
 
 
@@ -248,16 +242,7 @@ def _truncate_after(path: Path, step: int) -> None:
     text = "".join(line + "\n" for line in kept)
     if text == path.read_text(encoding="utf-8"):
         return
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())  # the old file is replaced: its successor must be on disk
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, text)
 
 
 def _summary_writer(log_dir: Path, start_step: int) -> Any:

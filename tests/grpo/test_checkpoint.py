@@ -1,6 +1,6 @@
 """Checkpoints: a resumed run continues bit-exactly (weights, optimizer, scheduler, RNG),
-a save that fails midway leaves the previous checkpoint intact, and bad checkpoints fail
-with errors naming the path."""
+a save that fails midway leaves the previous checkpoint intact, and bad checkpoints (another
+format included) fail with errors naming the path. Other world sizes: test_distributed.py."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from grpo.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from models import CheckpointError, load_model, make_tiny
+from models import load_model, make_tiny, save_model
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,24 @@ def test_resume_is_bit_exact(tiny, tmp_path):
         assert torch.equal(p, expected_params[name]), name
 
 
+def test_layout_and_the_hf_export(tiny, tmp_path):
+    """One layout: dcp/ (what resuming reads), model/ in HF layout (what users load), the
+    versioned trainer state with one RNG state per process, state.json."""
+    model, tok, opt, sched = _setup(tiny)
+    _step(model, opt, sched)
+    path = save_checkpoint(tmp_path / "checkpoint", model, tok, opt, sched, {"step": 1})
+    assert sorted(p.name for p in path.iterdir()) == \
+        ["dcp", "model", "state.json", "trainer_state.pt"]
+    assert sorted(p.name for p in (path / "dcp").iterdir()) == [".metadata", "__0_0.distcp"]
+    trainer_state = torch.load(path / "trainer_state.pt", weights_only=True)
+    assert trainer_state["version"] == grpo.checkpoint.FORMAT_VERSION
+    assert isinstance(trainer_state["rng"], list) and len(trainer_state["rng"]) == 1
+    exported, tok2 = load_model(path / "model", dtype=torch.float32)
+    for name, p in exported.named_parameters():
+        assert torch.equal(p, model.get_parameter(name)), name
+    assert tok2("1+2").input_ids == tok("1+2").input_ids
+
+
 def test_rng_round_trip():
     states = capture_rng()
     before = (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist())
@@ -130,7 +148,7 @@ def test_crash_between_the_renames_is_repaired(tiny, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         real_replace(src, dst)
 
-    monkeypatch.setattr("models.saving.os.replace", replace)
+    monkeypatch.setattr("grpo.files.os.replace", replace)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, model, tok, opt, sched, {"step": 2})
     monkeypatch.undo()
@@ -163,7 +181,7 @@ def test_incomplete_checkpoints_fail_clearly(tiny, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
         load_checkpoint(tmp_path / "absent", model, opt, sched, device="cpu")
 
-    for name in ("trainer_state.pt", "state.json", "model"):
+    for name in ("trainer_state.pt", "state.json", "model", "dcp"):
         bad = tmp_path / f"no-{name}"
         shutil.copytree(good, bad)
         target = bad / name
@@ -179,14 +197,20 @@ def test_incomplete_checkpoints_fail_clearly(tiny, tmp_path):
         load_checkpoint(bad, model, opt, sched, device="cpu")
 
     torch.save({"optimizer": {}}, bad / "trainer_state.pt")
-    with pytest.raises(ValueError, match="lacks scheduler, rng, state"):
+    with pytest.raises(ValueError, match="lacks version, scheduler, rng, state"):
         load_checkpoint(bad, model, opt, sched, device="cpu")
 
-    bad = tmp_path / "no-weights"
+    bad = tmp_path / "no-metadata"
     shutil.copytree(good, bad)
-    for f in (bad / "model").glob("*.safetensors*"):
-        f.unlink()
-    with pytest.raises(CheckpointError, match="no-weights"):
+    (bad / "dcp" / ".metadata").unlink()
+    with pytest.raises(ValueError, match="no-metadata/dcp: cannot read its metadata"):
+        load_checkpoint(bad, model, opt, sched, device="cpu")
+
+    bad = tmp_path / "torn-shard"
+    shutil.copytree(good, bad)
+    (shard,) = (bad / "dcp").glob("*.distcp")
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="torn-shard/dcp: cannot load"):
         load_checkpoint(bad, model, opt, sched, device="cpu")
 
 
@@ -202,6 +226,63 @@ def test_mismatched_optimizer_or_scheduler_changes_nothing(tiny, tmp_path):
         load_checkpoint(path, model2, head_only, None, device="cpu")
     for name, p in model2.named_parameters():
         assert torch.equal(p, before[name]), name
+
+
+def test_weights_of_another_model_fail_clearly(tiny, tmp_path):
+    model, tok, opt, sched = _setup(tiny)
+    path = save_checkpoint(tmp_path / "checkpoint", model, tok, opt, sched, {"step": 1})
+    other, _ = load_model(make_tiny(tmp_path / "wider", family="qwen2", hidden=32),
+                          dtype=torch.float32)
+    before = _params(other)
+    other_opt = torch.optim.AdamW(other.parameters())
+    with pytest.raises(ValueError, match=r"checkpoint/dcp: weights do not match the model: "
+                                         r"lm_head.weight, model.embed_tokens.weight"):
+        load_checkpoint(path, other, other_opt, None, device="cpu")
+    for name, p in other.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
+def _format_1_checkpoint(path: Path, model, tok, opt, sched, sharded: bool = False) -> Path:
+    """The layout before format 2, as its save_checkpoint wrote it."""
+    save_model(model, tok, path / "model")
+    torch.save({"version": 1, "optimizer": None if sharded else opt.state_dict(),
+                "scheduler": sched.state_dict(), "rng": [capture_rng()] if sharded else
+                capture_rng(), "state": {"step": 1}}, path / "trainer_state.pt")
+    if sharded:
+        (path / "sharded").mkdir()
+    (path / "state.json").write_text('{"step": 1}\n')
+    return path
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_an_old_format_checkpoint_says_what_to_do(tiny, tmp_path, sharded):
+    model, tok, opt, sched = _setup(tiny)
+    _step(model, opt, sched)
+    path = _format_1_checkpoint(tmp_path / "checkpoint", model, tok, opt, sched, sharded)
+    assert find_checkpoint(tmp_path) == path
+    model2, _, opt2, sched2 = _setup(tiny)
+    before = _params(model2)
+    with pytest.raises(ValueError, match=r"checkpoint format 1, written by an older version.*"
+                                         r"Resume it with the version that wrote it.*"
+                                         rf"--model {path / 'model'}"):
+        load_checkpoint(path, model2, opt2, sched2, device="cpu")
+    for name, p in model2.named_parameters():
+        assert torch.equal(p, before[name]), name
+    assert not opt2.state and sched2.last_epoch == 0
+    # Its model/ is still what users load.
+    exported, _ = load_model(path / "model", dtype=torch.float32)
+    for name, p in exported.named_parameters():
+        assert torch.equal(p, model.get_parameter(name)), name
+
+
+def test_a_newer_format_is_refused(tiny, tmp_path):
+    model, tok, opt, sched = _setup(tiny)
+    path = save_checkpoint(tmp_path / "checkpoint", model, tok, opt, sched, {"step": 1})
+    trainer_state = torch.load(path / "trainer_state.pt", weights_only=True)
+    torch.save({**trainer_state, "version": 3}, path / "trainer_state.pt")
+    with pytest.raises(ValueError, match="checkpoint format 3; this version of the trainer "
+                                         "reads format 2 only"):
+        load_checkpoint(path, model, opt, sched, device="cpu")
 
 
 def test_state_must_be_json(tiny, tmp_path):

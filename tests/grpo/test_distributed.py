@@ -93,12 +93,12 @@ def test_two_processes_match_one(model, one_process, tmp_path, loss_type):
 @pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
 def test_resume_with_another_world_size(model, one_process, tmp_path, first, then):
     """A checkpoint of a `first`-process run, resumed by `then` processes, continues exactly:
-    a sharded one is resharded, a single-process one sharded by every rank."""
+    one format at every world size (dcp/ holds one shard file per process), resharded."""
     out_one, one = one_process["dapo"]
     out = tmp_path / "run"
     flags = [*COMMON, "--loss-type", "dapo", "--scale-rewards", "batch"]
     _run(first, out, model, *flags[:1], "1", *flags[2:])
-    assert (out / "checkpoint" / "sharded").is_dir() == (first > 1)
+    assert len(list((out / "checkpoint" / "dcp").glob("*.distcp"))) == first
     resumed = _run(then, out, model, *flags, "--resume")
     assert len(resumed["steps"]) == 1
     second = resumed["steps"][0]

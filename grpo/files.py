@@ -1,0 +1,92 @@
+"""Writing files and directories so that a crash never leaves a half-written one.
+
+Everything the run directory holds (config.json, summary.json, metrics.jsonl rewrites, the
+curves PNG, checkpoints) is written under a hidden temporary name next to its target,
+`.NAME.tmp-XXXXXXXX`, and renamed into place with `os.replace` only once complete: the
+same directory means the same filesystem, so the rename is atomic and a reader sees either
+the old version or the new one. On any error (KeyboardInterrupt included) the temporary is
+removed.
+
+A directory cannot be renamed over a non-empty one, so replacing a directory takes two
+renames: the old one is moved aside to `.NAME.old-XXXXXXXX`, the new one renamed in, the
+old one deleted. A crash between the two renames leaves the target absent but both
+versions on disk; `grpo.checkpoint.find_checkpoint` puts the newest complete one back.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def temp_path(path: str | Path) -> Path:
+    """A fresh hidden name next to `path` to build its next version under."""
+    path = Path(path)
+    return path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+
+
+def replace(src: str | Path, dst: str | Path) -> None:
+    """Move `src` onto `dst` (a file or a directory), replacing what is there.
+
+    A file, or a directory onto a free name, is one os.replace. A directory onto an
+    existing one is moved aside first and deleted after (see the module's docstring)."""
+    src, dst = Path(src), Path(dst)
+    if dst.is_dir() and not dst.is_symlink():
+        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def remove(path: str | Path) -> None:
+    """Delete a file or a directory tree if it exists (errors ignored: cleanup only)."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_path(
+    path: str | Path, *, temp: str | Path | None = None, owner: bool = True
+) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; it replaces `path` when the block succeeds.
+
+    For writers that want a path: `torch.save`, `savefig`, a directory filled by several
+    writers (create it yourself inside the block). On any error the temporary is removed
+    and the error propagates; `path` is untouched. The parent directory is created.
+
+    temp: the temporary path to use (default: a fresh `temp_path(path)`); several processes
+    writing one directory together agree on it first. owner: whether this process creates
+    the parent, renames the result into place and cleans up after an error; the others
+    only write into it.
+    """
+    path = Path(path)
+    tmp = Path(temp) if temp is not None else temp_path(path)
+    if owner:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield tmp
+        if owner:
+            replace(tmp, path)
+    except BaseException:
+        if owner:
+            remove(tmp)
+        raise
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> None:
+    """Write `data` (str as UTF-8) to `path` atomically, on disk before the rename: after a
+    crash, `path` holds the previous contents or the new ones, never a mix or nothing."""
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(raw)
+        f.flush()
+        os.fsync(f.fileno())
