@@ -130,9 +130,9 @@ def _param_count(path: Path) -> int:
 
 
 def _examples(n: int, seed: int) -> list[dict]:
-    from grpo import data
+    from grpo import data, tasks
 
-    task = data.make_task("arithmetic")
+    task = tasks.make_task("arithmetic")
     _, stream = data.task_splits(task, seed, 1)
     return stream.next_batch(n)
 

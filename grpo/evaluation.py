@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from . import data as data_mod
 from . import rewards as rewards_mod
-from .rollout import make_engine
+from . import tasks as tasks_mod
+from .rollout import SamplingParams, make_engine
 
 __all__ = [
     "Samples",
@@ -112,7 +113,7 @@ def load_model_for_eval(path: str):
     return model, tokenizer, device
 
 
-def reward_functions(task: data_mod.Task | None, extra: Sequence[str] = ()
+def reward_functions(task: tasks_mod.Task | None, extra: Sequence[str] = ()
                      ) -> list[tuple[str, Any]]:
     """The rewards a GRPO run on this task uses by default (accuracy and format; countdown and
     format for Countdown), then the extra specs. The first one decides correctness."""
@@ -123,7 +124,7 @@ def reward_functions(task: data_mod.Task | None, extra: Sequence[str] = ()
 
 def prompt_examples(*, task: str, task_args: dict, data: str, seed: int, eval_size: int,
                     split: str, num_prompts: int | None, needs_answer: bool
-                    ) -> tuple[data_mod.Task | None, list[dict]]:
+                    ) -> tuple[tasks_mod.Task | None, list[dict]]:
     """(task or None, examples) to sample from.
 
     Built-in tasks: split="eval" gives the held-out prompts grpo-train evaluates on (same
@@ -141,7 +142,7 @@ def prompt_examples(*, task: str, task_args: dict, data: str, seed: int, eval_si
                 if needs_answer and "missing 'answer'" in str(e) else ""
             raise data_mod.DatasetError(f"{e}{hint}") from e
         return None, examples[:num_prompts] if num_prompts else examples
-    task_obj = data_mod.make_task(task, **task_args)
+    task_obj = tasks_mod.make_task(task, **task_args)
     evals, stream = data_mod.task_splits(task_obj, seed, eval_size)
     if split == "eval":
         return task_obj, evals[:num_prompts] if num_prompts else evals
@@ -191,12 +192,14 @@ def build_engine(model, tokenizer, rollout: str, *, temperature: float, top_p: f
                  seed: int = 0):
     """The rollout engine eval and sample draw from: transformers' generate, or vLLM (one
     engine for all calls: it holds its own weights and KV cache)."""
-    engine = make_engine(rollout, model, tokenizer, model_path=model_path, seed=seed,
-                         gpu_memory_utilization=0.7, max_prompt_length=max_prompt_length,
-                         max_completion_length=max_completion_length, temperature=temperature,
-                         top_p=top_p)
-    if rollout == "vllm":
-        engine.stale = False  # it loaded the very weights of model_path
+    sampling = SamplingParams(max_prompt_length=max_prompt_length,
+                              max_completion_length=max_completion_length,
+                              temperature=temperature, top_p=top_p)
+    if rollout != "vllm":
+        return make_engine(rollout, model, tokenizer, sampling)
+    engine = make_engine(rollout, model, tokenizer, sampling, model_path=model_path, seed=seed,
+                         gpu_memory_utilization=0.7)
+    engine.mark_weights_current()  # model was loaded from model_path: nothing to push
     return engine
 
 

@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     from models import load_model, make_tiny, save_model
 
     from . import data as data_mod
+    from . import tasks as tasks_mod
     from .evaluation import resolve_template
 
     parser = argparse.ArgumentParser(prog="python -m grpo.sft", description=__doc__.split("\n")[0])
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         pairs = [(data_mod.format_prompt(ex, template, tokenizer), ex["completion"])
                  for ex in examples]
     else:
-        task = data_mod.make_task(args.task, **args.task_args)
+        task = tasks_mod.make_task(args.task, **args.task_args)
         # Never the prompts grpo-train and grpo.eval hold out, so evaluation stays clean.
         _, stream = data_mod.task_splits(task, args.seed, args.eval_size)
         pairs = [(data_mod.format_prompt(ex, template, tokenizer), task.solution(ex))

@@ -18,7 +18,6 @@ import copy
 import functools
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -38,11 +37,13 @@ from models.routing_replay import RoutingReplay
 from . import data as data_mod
 from . import distributed as dist_mod
 from . import rewards as rewards_mod
+from . import tasks as tasks_mod
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import GRPOConfig
 from .evaluation import reward_columns
+from .files import atomic_write
 from .metrics import RunLogger
-from .rollout import Rollout, make_engine
+from .rollout import Rollout, SamplingParams, make_engine
 from .sft import run_sft
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -179,18 +180,21 @@ class GRPOTrainer:
 
     def _rollout_engine(self):
         cfg = self.cfg
-        common = dict(max_prompt_length=cfg.max_prompt_length,
-                      max_completion_length=cfg.max_completion_length,
-                      temperature=cfg.temperature, top_p=cfg.top_p,
-                      overflow=cfg.prompt_overflow, ignore_eos=cfg.ignore_eos)
-        if cfg.sampler_correction != "none" and cfg.top_p < 1 and cfg.rollout != "vllm":
-            warnings.warn("the transformers engine records log-probs after top_p; with "
-                          "top_p < 1 the sampler correction is biased", stacklevel=2)
-        return make_engine(cfg.rollout, self.model, self.tokenizer,
-                           model_path=cfg.model or str(self.run_dir / "init-model"),
+        sampling = SamplingParams(max_prompt_length=cfg.max_prompt_length,
+                                  max_completion_length=cfg.max_completion_length,
+                                  temperature=cfg.temperature, top_p=cfg.top_p,
+                                  prompt_overflow=cfg.prompt_overflow, ignore_eos=cfg.ignore_eos)
+        if cfg.rollout == "vllm":
+            options = dict(model_path=cfg.model or str(self.run_dir / "init-model"),
                            seed=cfg.seed, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                           sleep=cfg.vllm_sleep, replay=self.replay, cache=cfg.generation_cache,
-                           compile=cfg.compile_generation, **common)
+                           sleep=cfg.vllm_sleep)
+        else:
+            if cfg.sampler_correction != "none" and cfg.top_p < 1:
+                warnings.warn("the transformers engine records log-probs after top_p; with "
+                              "top_p < 1 the sampler correction is biased", stacklevel=2)
+            options = dict(replay=self.replay, cache=cfg.generation_cache,
+                           compile=cfg.compile_generation)
+        return make_engine(cfg.rollout, self.model, self.tokenizer, sampling, **options)
 
     def _load_data(self):
         if self.cfg.data:
@@ -201,7 +205,7 @@ class GRPOTrainer:
                                  f"for eval_size={self.cfg.eval_size} plus training")
             train, evals = data_mod.split_examples(examples, self.cfg.eval_size, self.cfg.seed)
             return None, evals, data_mod.JsonlStream(train, self.cfg.seed)
-        task = data_mod.make_task(self.cfg.task, **self.cfg.task_args)
+        task = tasks_mod.make_task(self.cfg.task, **self.cfg.task_args)
         evals, stream = data_mod.task_splits(task, self.cfg.seed, self.cfg.eval_size)
         return task, evals, stream
 
@@ -394,13 +398,13 @@ class GRPOTrainer:
                 zero_std += not informative
                 if (informative or not cfg.dynamic_sampling) and len(kept) < quota:
                     rows = slice(i * g, (i + 1) * g)
-                    kept.append((ex, _rows(rollout, rows), rewards[rows]))
+                    kept.append((ex, rollout.select(rows), rewards[rows]))
             rounds += 1
         if not kept:  # dynamic sampling found no group with signal: train on the last draw
-            kept = [(ex, _rows(rollout, slice(i * g, (i + 1) * g)), rewards[i * g:(i + 1) * g])
+            kept = [(ex, rollout.select(slice(i * g, (i + 1) * g)), rewards[i * g:(i + 1) * g])
                     for i, ex in enumerate(examples)]
         examples = [k[0] for k in kept]
-        rollout = _concat_rollouts([k[1] for k in kept], self.tokenizer.pad_token_id)
+        rollout = Rollout.cat([k[1] for k in kept], self.tokenizer.pad_token_id)
         rewards = torch.cat([k[2] for k in kept])
         # Normalised over the whole batch of every rank: equal to one process's advantages
         # also for scale_rewards="batch" (groups never straddle ranks).
@@ -668,51 +672,6 @@ def _micro_batches(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def _rows(rollout: Rollout, rows: slice) -> Rollout:
-    routing = None if rollout.routing is None else rollout.routing[:, rows]
-    return Rollout(rollout.prompt_ids[rows], rollout.prompt_mask[rows],
-                   rollout.completion_ids[rows], rollout.completion_mask[rows],
-                   rollout.truncated[rows], rollout.sampler_logp[rows], rollout.texts[rows],
-                   routing)
-
-
-def _concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
-    """Stack rollouts of different widths: prompts re-padded on the left, completions on
-    the right."""
-    if len(parts) == 1:
-        return parts[0]
-    p = max(r.prompt_ids.shape[1] for r in parts)
-    c = max(r.completion_ids.shape[1] for r in parts)
-
-    def left(t: torch.Tensor, width: int, value) -> torch.Tensor:
-        return torch.nn.functional.pad(t, (width - t.shape[1], 0), value=value)
-
-    def right(t: torch.Tensor, width: int, value) -> torch.Tensor:
-        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
-
-    routing = None
-    if all(r.routing is not None for r in parts):
-        # (L, n, P_i + C_i - 1, k): the prompt part is padded on the left, the rest right.
-        def pad_routing(r: Rollout) -> torch.Tensor:
-            p_i = r.prompt_ids.shape[1]
-            front, back = r.routing[:, :, :p_i], r.routing[:, :, p_i:]
-            front = torch.nn.functional.pad(front, (0, 0, p - p_i, 0))
-            back = torch.nn.functional.pad(back, (0, 0, 0, c - 1 - back.shape[2]))
-            return torch.cat([front, back], dim=2)
-
-        routing = torch.cat([pad_routing(r) for r in parts], dim=1)
-    return Rollout(
-        torch.cat([left(r.prompt_ids, p, pad_id) for r in parts]),
-        torch.cat([left(r.prompt_mask, p, 0) for r in parts]),
-        torch.cat([right(r.completion_ids, c, pad_id) for r in parts]),
-        torch.cat([right(r.completion_mask, c, 0) for r in parts]),
-        torch.cat([r.truncated for r in parts]),
-        torch.cat([right(r.sampler_logp, c, 0.0) for r in parts]),
-        [t for r in parts for t in r.texts],
-        routing,
-    )
-
-
 class _SilentLogger:
     """Ranks other than 0 log nothing."""
 
@@ -730,6 +689,4 @@ class _SilentLogger:
 
 
 def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(value, indent=2, default=str))

@@ -22,6 +22,7 @@ from grpo.evaluation import (
     reward_functions,
 )
 from grpo.rewards import answer_key, score
+from grpo.tasks import make_task
 from models import make_tiny
 
 
@@ -79,7 +80,7 @@ def _scored(examples, texts_per_prompt, extra=()) -> Samples:
     """Score hand-written completions exactly as sample_and_score scores generated ones."""
     k = len(texts_per_prompt[0])
     texts = [t for row in texts_per_prompt for t in row]
-    fns = reward_functions(data_mod.make_task("arithmetic"), extra)
+    fns = reward_functions(make_task("arithmetic"), extra)
     columns = reward_columns(examples, k, [len(t) for t in texts], [False] * len(texts), 64)
     rewards, _ = score(fns, texts, columns)
     p = len(examples)
@@ -106,7 +107,7 @@ def test_summary_of_hand_written_samples():
 
 
 def test_eval_prompts_are_the_trainers_held_out_prompts():
-    task = data_mod.make_task("arithmetic", operators="+")
+    task = make_task("arithmetic", operators="+")
     held_out, stream = data_mod.task_splits(task, 3, 50)
     _, evals = prompt_examples(task="arithmetic", task_args={"operators": "+"}, data="", seed=3,
                                eval_size=50, split="eval", num_prompts=None, needs_answer=True)

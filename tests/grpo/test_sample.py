@@ -15,6 +15,7 @@ from grpo.eval import main as eval_main
 from grpo.sample import main as sample_main
 from grpo.sample import rejection_filter
 from grpo.sft import main as sft_main
+from grpo.tasks import make_task
 from models import load_model, make_tiny
 from tests.grpo.test_eval import _scored
 
@@ -89,7 +90,7 @@ def test_sample_sft_eval_round_trip(tmp_path, monkeypatch, capsys):
     assert rc == 0 and "completions kept" in capsys.readouterr().out
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
     assert 4 <= len(rows) <= 8 and all("+" in r["prompt"] for r in rows)
-    held_out, _ = data_mod.task_splits(data_mod.make_task("arithmetic", operators="+"), 0, 200)
+    held_out, _ = data_mod.task_splits(make_task("arithmetic", operators="+"), 0, 200)
     assert not {r["prompt"] for r in rows} & {e["prompt"] for e in held_out}
 
     student = tmp_path / "student"

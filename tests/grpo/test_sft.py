@@ -60,6 +60,7 @@ def test_run_sft_with_packing_trains(tmp_path):
 def test_sft_command_on_a_task_skips_held_out_prompts(tmp_path, monkeypatch):
     import grpo.sft
     from grpo import data as data_mod
+    from grpo.tasks import make_task
 
     trained = []
     monkeypatch.setattr(grpo.sft, "run_sft", lambda model, tok, pairs, **kw: trained.extend(pairs)
@@ -67,7 +68,7 @@ def test_sft_command_on_a_task_skips_held_out_prompts(tmp_path, monkeypatch):
     grpo.sft.main(["--task-args", '{"operators": "+"}', "--eval-size", "500", "--steps", "20",
                    "--batch-size", "50", "--tiny-hidden", "16", "--tiny-layers", "1",
                    "--output-dir", str(tmp_path / "out")])
-    held_out, _ = data_mod.task_splits(data_mod.make_task("arithmetic", operators="+"), 0, 500)
+    held_out, _ = data_mod.task_splits(make_task("arithmetic", operators="+"), 0, 500)
     prompts = {p.rstrip("\n") for p, _ in trained}
     assert len(trained) == 1000 and all("+" in p for p in prompts)
     assert not prompts & {e["prompt"] for e in held_out}

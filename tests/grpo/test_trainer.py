@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from grpo.config import GRPOConfig, parse_config
 from grpo.metrics import read_metrics
+from grpo.rollout import Rollout
 from grpo.train import main
 from grpo.trainer import GRPOTrainer
 from models import load_model, make_tiny
@@ -244,14 +245,12 @@ def test_one_step_on_gpu_with_triton_kernels(tmp_path, kind):
 def test_moe_routing_replay_lines_up_with_the_sampler(tmp_path):
     """Rollouts of different prompt widths are re-padded when dynamic sampling stacks them;
     the replayed routing must stay on its tokens and give each the sampler's log-prob."""
-    from grpo.trainer import _concat_rollouts
-
     model = str(make_tiny(tmp_path / "moe", kind="moe"))
     trainer = GRPOTrainer(_config(tmp_path, model=model))
     assert trainer.replay is not None
     parts = [trainer.engine.generate(prompts, 2) for prompts in (["1+2\n"], ["123+456\n",
                                                                            "7+8\n"])]
-    rollout = _concat_rollouts(parts, trainer.tokenizer.pad_token_id)
+    rollout = Rollout.cat(parts, trainer.tokenizer.pad_token_id)
     layers, n, seq, _ = rollout.routing.shape
     assert (layers, n) == (2, 6)
     assert seq == rollout.prompt_ids.shape[1] + rollout.completion_ids.shape[1] - 1
