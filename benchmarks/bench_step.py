@@ -157,11 +157,11 @@ def run_ours(args: argparse.Namespace, checkpoint: Path, workdir: Path,
              fused_loss: bool | None = None) -> dict[str, Any]:
     """Our GRPOTrainer: `warmup` untimed steps, then `steps` timed ones (phase seconds from
     the step's own metrics). fused_loss: None is the trainer's default (fused on a GPU)."""
+    from grpo.build import build_trainer, load_reference
     from grpo.config import GRPOConfig
-    from grpo.trainer import GRPOTrainer
 
     _reset_peak()
-    cfg = GRPOConfig(
+    cfg = GRPOConfig.from_flat(
         model=str(checkpoint), output_dir=str(workdir / "ours"), overwrite=True,
         template=args.template, prompts_per_step=args.prompts, num_generations=args.G,
         max_completion_length=args.tokens, ignore_eos=True, num_iterations=2, beta=0.04,
@@ -170,9 +170,9 @@ def run_ours(args: argparse.Namespace, checkpoint: Path, workdir: Path,
         generation_cache=args.generation_cache, compile_generation=args.compile_generation,
         steps=args.warmup + args.steps, sft_steps=0, eval_size=1, progress=False,
         fused_loss=fused_loss)
-    trainer = GRPOTrainer(cfg)
+    trainer = build_trainer(cfg)
     # As train() does when beta > 0: the frozen reference, loaded from the same checkpoint.
-    trainer.ref_model = trainer._reference_model()
+    trainer.ref_model = load_reference(trainer.parts)
     records = []
     for i in range(args.warmup + args.steps):
         _sync()
@@ -189,7 +189,7 @@ def run_ours(args: argparse.Namespace, checkpoint: Path, workdir: Path,
     engine = trainer.engine
     return {"records": records, "peak_gib": _peak_gib(),
             "engine": f"{engine.cache}{'+compile' if engine.compile else ''}"
-                      f"{'+fused-loss' if trainer.fused else ''}"}
+                      f"{'+fused-loss' if trainer.forward.fused else ''}"}
 
 
 def run_trl(args: argparse.Namespace, checkpoint: Path, workdir: Path) -> dict[str, Any]:

@@ -242,3 +242,29 @@ def sample_and_score(model, tokenizer, examples: list[dict], reward_fns: list, *
     return Samples(examples, [texts[i * k:(i + 1) * k] for i in range(p)],
                    lengths_t.view(p, k), truncated_t.view(p, k),
                    rewards.view(p, k, -1), [name for name, _ in reward_fns])
+
+
+@torch.no_grad()
+def greedy_accuracy(engine, examples: list[dict], prompt, check, *, batch_size: int = 256
+                    ) -> dict[str, float]:
+    """grpo-train's held-out figures: greedy accuracy (by `check`, the task's first reward)
+    and format rate. Under torchrun each rank answers every world-th prompt, in equally many
+    batches (a rank with none repeats a prompt, since FSDP needs every rank in every forward),
+    and the counts are summed over ranks."""
+    from . import distributed as dist_mod
+
+    rank, world = dist_mod.rank(), dist_mod.world_size()
+    mine = examples[rank::world]
+    batches = -(-len(examples[::world]) // batch_size)
+    correct, formatted = [], []
+    for i in range(0, batches * batch_size, batch_size):
+        chunk = mine[i:i + batch_size] or examples[:1]
+        rollout = engine.generate([prompt(ex) for ex in chunk], 1, greedy=True)
+        if not mine[i:i + batch_size]:
+            continue
+        columns = {key: [ex.get(key) for ex in chunk] for key in chunk[0]}
+        correct += check(rollout.texts, **columns)
+        formatted += rewards_mod.format_reward(rollout.texts)
+    sums = dist_mod.all_reduce(torch.tensor([sum(correct), sum(formatted), len(correct)],
+                                            dtype=torch.float64)).tolist()
+    return {"accuracy": sums[0] / sums[2], "format": sums[1] / sums[2]}

@@ -23,8 +23,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
+from kernels import reference
+
+from . import distributed as dist_mod
 from .files import atomic_path, atomic_write
 
 METRICS_FILE = "metrics.jsonl"
@@ -256,3 +260,85 @@ def _summary_writer(log_dir: Path, start_step: int) -> Any:
     # purge_step hides events a killed run wrote after the checkpoint we resume from, the same
     # rule as for metrics.jsonl (steps > start_step are dropped).
     return SummaryWriter(log_dir=str(log_dir), purge_step=start_step + 1)
+
+
+# --- one GRPO step's figures ---------------------------------------------------------------
+
+def step_metrics(rollout, rewards, failures: dict, frac_zero_std: float, reward_fns: list,
+                 reward_weights, loss_stats: dict, *, grad_norm: float, lr: float,
+                 seconds: float, phases: dict, beta: float) -> dict[str, float]:
+    """The figures of one step over every rank's rows: rewards (over scorable completions,
+    as TRL logs them), lengths, the loss statistics, throughput and the phases' seconds.
+    rewards (N_all, R) of every rank; rollout and failures this rank's."""
+    total = reference.combine_rewards(rewards, reward_weights, unscorable_nan=True)
+    lengths = dist_mod.gather_rows(rollout.lengths.float())[0]
+    truncated = dist_mod.gather_rows(rollout.truncated.float())[0]
+    failed: dict[str, int] = {}
+    for part in dist_mod.all_gather_objects(failures):
+        for name, count in part.items():
+            failed[name] = failed.get(name, 0) + count
+    metrics = {
+        "reward": float(total.nanmean()), "reward_std": float(reference.nanstd(total)),
+        "frac_zero_std": frac_zero_std,
+        "completion_length": float(lengths.mean()),
+        "completion_length_max": float(lengths.max()),
+        "truncated": float(truncated.mean()),
+        "grad_norm": grad_norm, "lr": lr,
+        "tokens_per_s": float(lengths.sum()) / seconds,
+        **{f"seconds_{k}": v for k, v in phases.items()},
+        **loss_stats,
+    }
+    if beta == 0:
+        metrics.pop("kl", None)  # there is no reference model: nothing was measured
+    for j, (name, _) in enumerate(reward_fns):
+        column = rewards[:, j]
+        metrics[f"reward/{name}"] = float(torch.nanmean(column))
+        metrics[f"reward_std/{name}"] = float(column[~column.isnan()].std()) \
+            if (~column.isnan()).sum() > 1 else float("nan")
+    acc = [n for n, _ in reward_fns if n in ("accuracy", "countdown")]
+    metrics["accuracy"] = metrics[f"reward/{acc[0]}"] if acc else float("nan")
+    for name, count in failed.items():
+        metrics[f"reward_failures/{name}"] = count
+    return metrics
+
+
+def global_token_means(means: dict, tokens) -> dict[str, float]:
+    """Token-weighted means over every rank of per-rank means."""
+    keys = sorted(means)
+    local = [float(means[k]) * float(tokens) for k in keys] + [float(tokens)]
+    summed = dist_mod.all_reduce(torch.tensor(local, dtype=torch.float64)).tolist()
+    return {k: v / max(summed[-1], 1.0) for k, v in zip(keys, summed[:-1], strict=True)}
+
+
+def reduce_loss_stats(totals: dict, tokens: float, extremes: dict) -> dict:
+    """The loss statistics of a step's micro-batches: token-weighted means over every rank
+    (totals are sums of value x tokens), and the per-sequence extremes (*_min, *_max) as
+    extremes, NaN left out."""
+    if dist_mod.world_size() > 1:
+        keys = sorted(totals)
+        summed = dist_mod.all_reduce(torch.tensor([totals[k] for k in keys] + [tokens],
+                                                  dtype=torch.float64)).tolist()
+        totals, tokens = dict(zip(keys, summed[:-1], strict=True)), summed[-1]
+    means = {k: (v if k == "loss" else v / max(tokens, 1.0)) for k, v in totals.items()}
+    for key, values in sorted(extremes.items()):
+        pick = min if key.endswith("_min") else max
+        local = [v for v in values if v == v] or [float("nan")]
+        gathered = [v for v in dist_mod.all_gather_objects(pick(local)) if v == v]
+        means[key] = pick(gathered) if gathered else float("nan")
+    return means
+
+
+class SilentLogger:
+    """Ranks other than 0 log nothing."""
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+    def plot(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

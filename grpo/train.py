@@ -11,16 +11,16 @@ import json
 import sys
 
 from . import distributed
+from .build import build_trainer
 from .config import parse_config
 from .rewards import RewardError
-from .trainer import GRPOTrainer
 
 
 def main(argv: list[str] | None = None) -> int:
     finished = False
     try:
         config = parse_config(argv)
-        trainer = GRPOTrainer(config)  # joins torchrun's process group, if any
+        trainer = build_trainer(config)  # joins torchrun's process group, if any
         summary = trainer.train()
         main_process = distributed.is_main()
         finished = True

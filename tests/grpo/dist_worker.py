@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from grpo import distributed
+from grpo.build import build_trainer
 from grpo.config import parse_config
 from grpo.rollout import rollout_from_tokens, tokenize_prompts
-from grpo.trainer import GRPOTrainer
 
 
 class FakeEngine:
@@ -71,12 +71,12 @@ def main(argv: list[str]) -> None:
         "--max-completion-length", "10", "--eval-size", "3", "--learning-rate", "1e-3",
         "--no-dynamic-sampling", "--no-progress", "--dtype", "fp32", "--device", "cpu",
         *argv[2:]])
-    trainer = GRPOTrainer(config)
+    trainer = build_trainer(config)
     # The real engine first, greedy on fixed prompts (the same batch on every rank): under FSDP
     # it decodes with gathered weights, and must answer as one process does.
-    prompts = [trainer._prompt(ex) for ex in trainer.eval_examples[:3]]
+    prompts = [trainer.prompt(ex) for ex in trainer.eval_examples[:3]]
     greedy = trainer.engine.generate(prompts, 1, greedy=True).texts
-    trainer.engine = FakeEngine(trainer.tokenizer, config.max_completion_length)
+    trainer.engine = FakeEngine(trainer.tokenizer, config.sampling.max_completion_length)
     record = []
     sample = trainer.sample_batch
 

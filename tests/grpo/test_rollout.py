@@ -101,5 +101,5 @@ def test_bad_options(tiny, tmp_path):
     with pytest.raises(ValueError, match="cache must be"):
         TransformersEngine(model, tokenizer, sampling, cache="paged")
     with pytest.raises(ValueError, match="compile_generation needs"):
-        GRPOConfig(output_dir=str(tmp_path), generation_cache="dynamic",
+        GRPOConfig.from_flat(output_dir=str(tmp_path), generation_cache="dynamic",
                    compile_generation=True).resolve()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from grpo.build import build_trainer
 from grpo.config import GRPOConfig
 from grpo.metrics import read_metrics
 from grpo.rollout import (
@@ -24,7 +25,6 @@ from grpo.rollout import (
     rollout_from_tokens,
     tokenize_prompts,
 )
-from grpo.trainer import GRPOTrainer
 from kernels.reference import sampler_importance_weights
 from models import char_tokenizer, load_model, make_tiny
 
@@ -111,7 +111,7 @@ def test_sampler_importance_weights_by_hand():
 
 def test_correction_scales_the_policy_gradient(tmp_path):
     """Constant importance weights c scale the gradient of the surrogate by c (beta = 0)."""
-    trainer = GRPOTrainer(GRPOConfig(**FAST, output_dir=str(tmp_path / "run")))
+    trainer = build_trainer(GRPOConfig.from_flat(FAST, output_dir=str(tmp_path / "run")))
     batch = trainer.sample_batch()
     batch.advantages = torch.randn(len(batch.rollout), generator=torch.Generator().manual_seed(0))
     mask = batch.rollout.completion_mask.float()
@@ -128,8 +128,9 @@ def test_correction_scales_the_policy_gradient(tmp_path):
 def test_trainer_with_the_correction_on_the_transformers_engine(tmp_path):
     """The transformers engine samples from the policy itself: its recorded log-probs equal
     the trainer's, so every importance ratio is 1 and none is capped."""
-    cfg = GRPOConfig(**FAST, output_dir=str(tmp_path / "run"), sampler_correction="token_truncate")
-    GRPOTrainer(cfg).train()
+    cfg = GRPOConfig.from_flat(FAST, output_dir=str(tmp_path / "run"),
+                               sampler_correction="token_truncate")
+    build_trainer(cfg).train()
     last = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
     assert last["is_ratio_mean"] == pytest.approx(1.0, abs=1e-4)
     assert last["is_capped"] == 0.0
@@ -234,15 +235,16 @@ def fake_vllm(monkeypatch):
 
 def test_vllm_engine_in_the_trainer(tmp_path, fake_vllm):
     model = make_tiny(tmp_path / "model", family="qwen2", hidden=64, layers=2)
-    cfg = GRPOConfig(**FAST, model=str(model), output_dir=str(tmp_path / "run"),
+    cfg = GRPOConfig.from_flat(FAST, model=str(model), output_dir=str(tmp_path / "run"),
                      rollout="vllm", vllm_sleep=True, template="none")
-    trainer = GRPOTrainer(cfg)
-    assert cfg.sampler_correction == "token_truncate"  # the default with vllm
+    trainer = build_trainer(cfg)
+    assert cfg.rollout.sampler_correction == "token_truncate"  # the default with vllm
     trainer.train()
     llm = _FakeLLM.instances[-1]
     assert llm.kwargs["skip_tokenizer_init"] and llm.kwargs["logprobs_mode"] == \
         "processed_logprobs"
-    assert llm.kwargs["max_model_len"] == cfg.max_prompt_length + cfg.max_completion_length
+    assert llm.kwargs["max_model_len"] == \
+        cfg.data.max_prompt_length + cfg.sampling.max_completion_length
     # Weights pushed before the first rollout and after each of the 2 optimizer steps, once
     # each; the prefix cache dropped each time; the KV cache released around every update.
     assert llm.loads == llm.resets == 3
@@ -257,14 +259,14 @@ def test_vllm_engine_in_the_trainer(tmp_path, fake_vllm):
 
 def test_vllm_engine_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
-    cfg = GRPOConfig(**FAST, output_dir=str(tmp_path / "run"), rollout="vllm")
+    cfg = GRPOConfig.from_flat(FAST, output_dir=str(tmp_path / "run"), rollout="vllm")
     with pytest.raises(ValueError, match="needs the vllm package"):
-        GRPOTrainer(cfg)
+        build_trainer(cfg)
     moe = make_tiny(tmp_path / "moe", kind="moe")
-    cfg = GRPOConfig(**FAST, model=str(moe), output_dir=str(tmp_path / "run2"), rollout="vllm",
-                     routing_replay=True)
+    cfg = GRPOConfig.from_flat(FAST, model=str(moe), output_dir=str(tmp_path / "run2"),
+                               rollout="vllm", routing_replay=True)
     with pytest.raises(ValueError, match="routing-replay needs --rollout transformers"):
-        GRPOTrainer(cfg)
+        build_trainer(cfg)
 
 
 def test_eval_and_sample_with_the_vllm_engine(tmp_path, fake_vllm, capsys):

@@ -11,11 +11,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from grpo.build import build_trainer
 from grpo.config import GRPOConfig, parse_config
 from grpo.metrics import read_metrics
 from grpo.rollout import Rollout
 from grpo.train import main
-from grpo.trainer import GRPOTrainer
 from models import load_model, make_tiny
 
 FAST = dict(steps=3, sft_steps=2, prompts_per_step=2, num_generations=4,
@@ -33,7 +33,7 @@ def nan_reward(completions, **kwargs):
 
 def _config(tmp_path, **overrides) -> GRPOConfig:
     values = {**FAST, "output_dir": str(tmp_path / "run"), **overrides}
-    return GRPOConfig(**values)
+    return GRPOConfig.from_flat(values)
 
 
 @pytest.mark.parametrize("kind", ["dense", "moe"])
@@ -41,18 +41,18 @@ def test_three_steps_end_to_end(tmp_path, kind):
     model = "" if kind == "dense" else str(make_tiny(tmp_path / "moe", kind="moe"))
     cfg = _config(tmp_path, model=model, beta=0.04 if kind == "moe" else 0.0,
                   num_iterations=2 if kind == "moe" else 1)
-    summary = GRPOTrainer(cfg).train()
+    summary = build_trainer(cfg).train()
     run = tmp_path / "run"
     assert summary["grpo_steps"] == 3 and 0.0 <= summary["accuracy_after_grpo"] <= 1.0
     assert json.loads((run / "summary.json").read_text())["grpo_steps"] == 3
-    assert json.loads((run / "config.json").read_text())["num_generations"] == 4
+    assert json.loads((run / "config.json").read_text())["sampling"]["num_generations"] == 4
     lines = read_metrics(run / "metrics.jsonl")
     assert [line["step"] for line in lines] == [1, 2, 3]
     for key in ("reward", "reward/accuracy", "reward/format", "accuracy", "frac_zero_std",
                 "completion_length", "truncated", "clip_ratio/region_mean", "entropy", "grad_norm",
                 "lr", "tokens_per_s", "seconds_generate", "seconds_update"):
         assert key in lines[-1], key
-    assert ("kl" in lines[-1]) == (cfg.beta > 0)
+    assert ("kl" in lines[-1]) == (cfg.loss.beta > 0)
     assert all(math.isfinite(line["loss"]) for line in lines)
     if kind == "moe":  # routing replay on by default: its figures are logged
         assert lines[-1]["routing_mismatch"] == 0.0  # fp32 on the CPU routes alike
@@ -71,19 +71,19 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, loss_type):
     one call, with truncated completions masked and off-policy ratios that clip. bnpo is the
     exception by definition (TRL: each micro-batch's own token mean over the accumulation
     steps): there the two differ, and one micro-batch equals dapo."""
-    trainer = GRPOTrainer(_config(tmp_path, loss_type=loss_type, num_iterations=2,
+    trainer = build_trainer(_config(tmp_path, loss_type=loss_type, num_iterations=2,
                                   mask_truncated_completions=True, eps_high=0.2 if
                                   loss_type != "cispo" else 1.1))
     batch = trainer.sample_batch()
     n = len(batch.rollout)
     batch.advantages = torch.randn(n, generator=torch.Generator().manual_seed(1))
-    old = trainer._logprobs(trainer.model, batch.rollout)
+    old = trainer.policy_logprobs(trainer.model, batch.rollout)
     old = old + 0.3 * torch.randn(old.shape, generator=torch.Generator().manual_seed(2))
     mask = batch.rollout.completion_mask.float() * (~batch.rollout.truncated).float()[:, None]
     mask[0, :] = 1.0  # whatever the sampler did, some tokens count
     grads = []
     for micro in (n, 3):
-        trainer.cfg.micro_batch_size = micro
+        trainer.forward.micro_batch_size = micro
         trainer.accumulate_gradients(batch, mask, old, None)
         grads.append([p.grad.clone() for p in trainer.model.parameters()])
         trainer.optimizer.zero_grad(set_to_none=True)
@@ -91,8 +91,8 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, loss_type):
     if loss_type == "bnpo":
         assert any(not torch.allclose(a, w, rtol=1e-3, atol=1e-6)
                    for w, a in zip(*grads, strict=True))
-        trainer.cfg.micro_batch_size = n
-        trainer.loss_config = dataclasses.replace(trainer.loss_config, loss_type="dapo")
+        trainer.forward.micro_batch_size = n
+        trainer.cfg.loss = dataclasses.replace(trainer.cfg.loss, loss_type="dapo")
         trainer.accumulate_gradients(batch, mask, old, None)
         grads[1] = [p.grad.clone() for p in trainer.model.parameters()]
     for whole, accumulated in zip(*grads, strict=True):
@@ -102,7 +102,7 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, loss_type):
 def test_mu_iterations_are_optimizer_steps(tmp_path):
     """GRPO's mu inner iterations each update the policy (so the later ones are off-policy
     and clip), while the learning-rate schedule advances once per GRPO step."""
-    trainer = GRPOTrainer(_config(tmp_path, steps=2, num_iterations=3, eps_low=0.01,
+    trainer = build_trainer(_config(tmp_path, steps=2, num_iterations=3, eps_low=0.01,
                                   eps_high=0.01, learning_rate=1e-2, lr_schedule="linear",
                                   rewards=["tests.grpo.dist_worker:length_reward"]))
     trainer.train()
@@ -120,9 +120,9 @@ def _comparable(line: dict) -> dict:
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     opts = dict(steps=4, save_every=2, dynamic_sampling=True)
-    GRPOTrainer(_config(tmp_path / "a", **opts)).train()
-    GRPOTrainer(_config(tmp_path / "b", **{**opts, "steps": 2})).train()
-    GRPOTrainer(_config(tmp_path / "b", **opts, resume=True)).train()
+    build_trainer(_config(tmp_path / "a", **opts)).train()
+    build_trainer(_config(tmp_path / "b", **{**opts, "steps": 2})).train()
+    build_trainer(_config(tmp_path / "b", **opts, resume=True)).train()
     whole = read_metrics(tmp_path / "a" / "run" / "metrics.jsonl")
     resumed = read_metrics(tmp_path / "b" / "run" / "metrics.jsonl")
     assert [m["step"] for m in resumed] == [1, 2, 3, 4]
@@ -152,17 +152,17 @@ def test_cli_rejects_bad_input(tmp_path, capsys):
 
 
 def test_output_dir_holding_another_run(tmp_path):
-    GRPOTrainer(_config(tmp_path, steps=1))
+    build_trainer(_config(tmp_path, steps=1))
     with pytest.raises(ValueError, match="holds another run; pass --resume"):
-        GRPOTrainer(_config(tmp_path, steps=1))
-    GRPOTrainer(_config(tmp_path, steps=1, overwrite=True))  # replaces it
+        build_trainer(_config(tmp_path, steps=1))
+    build_trainer(_config(tmp_path, steps=1, overwrite=True))  # replaces it
 
 
 def test_long_prompts_error_when_asked(tmp_path):
-    trainer = GRPOTrainer(_config(tmp_path, max_prompt_length=3, prompt_overflow="error"))
+    trainer = build_trainer(_config(tmp_path, max_prompt_length=3, prompt_overflow="error"))
     with pytest.raises(ValueError, match="exceed max_prompt_length=3"):
         trainer.sample_batch()
-    trainer = GRPOTrainer(_config(tmp_path, max_prompt_length=3, overwrite=True))
+    trainer = build_trainer(_config(tmp_path, max_prompt_length=3, overwrite=True))
     with pytest.warns(UserWarning, match="keeping their last tokens"):
         assert trainer.sample_batch().rollout.prompt_ids.shape[1] == 3
 
@@ -172,7 +172,7 @@ def test_long_prompts_error_when_asked(tmp_path):
     ("tests.grpo.test_trainer:nan_reward", "nan_reward"),
 ])
 def test_bad_reward_functions_stop_training(tmp_path, reward, message):
-    trainer = GRPOTrainer(_config(tmp_path, rewards=["accuracy", reward]))
+    trainer = build_trainer(_config(tmp_path, rewards=["accuracy", reward]))
     with pytest.raises(RuntimeError, match=message):
         trainer.sample_batch()
 
@@ -182,10 +182,11 @@ def test_config_file_and_flags(tmp_path):
     cfg = parse_config(["--config", str(tmp_path / "c.yaml"), "--beta", "0.2",
                         "--task-args", '{"digits": 3}', "--no-progress",
                         "--output-dir", str(tmp_path / "r")])
-    assert (cfg.num_generations, cfg.beta, cfg.rewards, cfg.task_args, cfg.progress) == \
+    assert (cfg.sampling.num_generations, cfg.loss.beta, cfg.data.rewards, cfg.data.task_args,
+            cfg.run.progress) == \
         (4, 0.2, ["accuracy"], {"digits": 3}, False)
-    assert cfg.learning_rate == 5e-5 and cfg.template == "short"  # built-in model defaults
-    assert cfg.dynamic_sampling and cfg.task_args == {"digits": 3}
+    assert cfg.optim.learning_rate == 5e-5 and cfg.data.template == "short"  # the DEMO preset
+    assert cfg.sampling.dynamic_sampling and cfg.data.task_args == {"digits": 3}
     (tmp_path / "c.json").write_text(json.dumps({"num_generation": 4}))
     with pytest.raises(ValueError, match="unknown fields"):
         parse_config(["--config", str(tmp_path / "c.json")])
@@ -197,15 +198,15 @@ def test_loss_options_reach_the_kernels(tmp_path):
     from kernels import GRPOLossConfig
 
     cfg = parse_config(["--model", "", "--output-dir", str(tmp_path / "a")])
-    assert cfg.loss_config() == GRPOLossConfig(
-        loss_type="dapo", temperature=cfg.temperature,
-        max_completion_length=cfg.max_completion_length)
+    assert cfg.loss == GRPOLossConfig(
+        loss_type="dapo", temperature=cfg.sampling.temperature,
+        max_completion_length=cfg.sampling.max_completion_length)
     flags = ["--loss-type", "vespo", "--beta", "0.04", "--no-use-bias-correction-kl",
              "--eps-low", "0.1", "--entropy-coef", "0.01", "--vespo-k-pos", "1.5",
              "--vespo-lambda-neg", "2.5", "--top-entropy-quantile", "0.2",
              "--off-policy-mask-threshold", "0.5", "--importance-level", "sequence",
              "--sapo-temperature-neg", "2", "--output-dir", str(tmp_path / "b")]
-    loss = parse_config(flags).loss_config()
+    loss = parse_config(flags).loss
     assert (loss.loss_type, loss.beta, loss.use_bias_correction_kl, loss.eps_low,
             loss.eps_high, loss.entropy_coef, loss.vespo_k_pos, loss.vespo_lambda_neg,
             loss.top_entropy_quantile, loss.off_policy_mask_threshold, loss.importance_level,
@@ -237,7 +238,7 @@ def test_one_step_on_gpu_with_triton_kernels(tmp_path, kind):
     model = "" if kind == "dense" else str(make_tiny(tmp_path / "moe", kind="moe"))
     cfg = _config(tmp_path, model=model, device="cuda", kernel_backend="triton", steps=1,
                   beta=0.04, num_iterations=2)
-    summary = GRPOTrainer(cfg).train()
+    summary = build_trainer(cfg).train()
     line = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
     assert summary["device"].startswith("cuda") and math.isfinite(line["loss"])
 
@@ -246,7 +247,7 @@ def test_moe_routing_replay_lines_up_with_the_sampler(tmp_path):
     """Rollouts of different prompt widths are re-padded when dynamic sampling stacks them;
     the replayed routing must stay on its tokens and give each the sampler's log-prob."""
     model = str(make_tiny(tmp_path / "moe", kind="moe"))
-    trainer = GRPOTrainer(_config(tmp_path, model=model))
+    trainer = build_trainer(_config(tmp_path, model=model))
     assert trainer.replay is not None
     parts = [trainer.engine.generate(prompts, 2) for prompts in (["1+2\n"], ["123+456\n",
                                                                            "7+8\n"])]
@@ -254,7 +255,7 @@ def test_moe_routing_replay_lines_up_with_the_sampler(tmp_path):
     layers, n, seq, _ = rollout.routing.shape
     assert (layers, n) == (2, 6)
     assert seq == rollout.prompt_ids.shape[1] + rollout.completion_ids.shape[1] - 1
-    logp = trainer._logprobs(trainer.model, rollout)
+    logp = trainer.policy_logprobs(trainer.model, rollout)
     mask = rollout.completion_mask.bool()
     torch.testing.assert_close(logp[mask], rollout.sampler_logp[mask], rtol=1e-4, atol=1e-4)
     # A free forward of the padded batch routes (CPU, fp32) as the sampler did, token by token.
@@ -271,7 +272,7 @@ def test_moe_routing_replay_lines_up_with_the_sampler(tmp_path):
 
 def test_frozen_router_and_aux_loss(tmp_path):
     model = str(make_tiny(tmp_path / "moe", kind="moe"))
-    trainer = GRPOTrainer(_config(tmp_path, model=model, freeze_router=True,
+    trainer = build_trainer(_config(tmp_path, model=model, freeze_router=True,
                                   router_aux_loss_coef=0.01, learning_rate=1e-2))
     routers = [r.weight.detach().clone() for r in trainer.replay.routers]
     metrics = trainer.step()
@@ -279,12 +280,12 @@ def test_frozen_router_and_aux_loss(tmp_path):
     assert all(torch.equal(r.weight, before)
                for r, before in zip(trainer.replay.routers, routers, strict=True))
     with pytest.raises(ValueError, match="needs an MoE model"):
-        GRPOTrainer(_config(tmp_path, routing_replay=True, overwrite=True))
+        build_trainer(_config(tmp_path, routing_replay=True, overwrite=True))
 
 
 def test_moe_step_with_replay_off(tmp_path):
     model = str(make_tiny(tmp_path / "moe", kind="moe"))
-    trainer = GRPOTrainer(_config(tmp_path, model=model, routing_replay=False))
+    trainer = build_trainer(_config(tmp_path, model=model, routing_replay=False))
     assert trainer.replay is None
     metrics = trainer.step()
     assert math.isfinite(metrics["loss"]) and "routing_mismatch" not in metrics
@@ -295,15 +296,15 @@ def test_fused_lm_head_path_matches_logits_path(tmp_path, kind):
     """--fused-loss (the GPU default): the loss from the last hidden states gives the same
     log-probs and gradients as logits + grpo_loss."""
     model = "" if kind == "dense" else str(make_tiny(tmp_path / "moe", kind="moe"))
-    trainer = GRPOTrainer(_config(tmp_path, model=model, fused_loss=False, beta=0.04,
+    trainer = build_trainer(_config(tmp_path, model=model, fused_loss=False, beta=0.04,
                                   num_iterations=2))
     batch = trainer.sample_batch()
     batch.advantages = torch.randn(len(batch.rollout), generator=torch.Generator().manual_seed(3))
     mask = batch.rollout.completion_mask.float()
     results = []
     for fused in (False, True):
-        trainer.fused = fused
-        old = trainer._logprobs(trainer.model, batch.rollout)
+        trainer.forward.fused = fused
+        old = trainer.policy_logprobs(trainer.model, batch.rollout)
         trainer.accumulate_gradients(batch, mask, old - 0.1, old + 0.2)
         results.append((old, [p.grad.clone() for p in trainer.model.parameters()]))
         trainer.optimizer.zero_grad(set_to_none=True)

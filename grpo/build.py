@@ -1,0 +1,275 @@
+"""Everything a GRPO run is made of, built from its config: `build_trainer(config)`.
+
+The order matters: the data first (a bad dataset fails before anything is written or loaded),
+then the run directory, the seed, the policy (sharded under torchrun), its routing replay,
+the rollout engine, the rewards and the optimizer. The frozen reference model is the
+cold-started policy, so it is loaded after the cold start by `load_reference`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import kernels
+from kernels import reference
+from models import load_model, make_tiny
+from models.layout import MOE_FAMILIES
+from models.routing_replay import RoutingReplay
+
+from . import data as data_mod
+from . import distributed as dist_mod
+from . import rewards as rewards_mod
+from . import tasks as tasks_mod
+from .checkpoint import find_checkpoint
+from .config import GRPOConfig, is_demo
+from .files import atomic_write
+from .policy import PolicyForward
+from .rollout import SamplingParams, make_engine
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class TrainerParts:
+    """What GRPOTrainer runs on. dtype is the parameters' (fp32 master weights when sharded),
+    compute_dtype the forward's when it differs (None otherwise)."""
+
+    config: GRPOConfig
+    run_dir: Path
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype
+    compute_dtype: torch.dtype | None
+    task: tasks_mod.Task | None  # None with a JSONL dataset
+    eval_examples: list[dict]
+    stream: Any  # TrainStream or JsonlStream
+    model: torch.nn.Module
+    tokenizer: Any
+    replay: RoutingReplay | None
+    engine: Any  # grpo.rollout.Engine
+    reward_fns: list[tuple[str, Any]]
+    reward_weights: torch.Tensor  # (R,)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    forward: PolicyForward
+    loss_fn: Any  # kernels.grpo_loss or reference.grpo_loss_ref
+
+
+def build_trainer(config: GRPOConfig):
+    """The trainer of `config` with all its parts built."""
+    from .trainer import GRPOTrainer
+
+    return GRPOTrainer(build_parts(config))
+
+
+def build_parts(config: GRPOConfig) -> TrainerParts:
+    cfg = config.resolve()
+    dist_mod.init_from_env()
+    rank, world = dist_mod.rank(), dist_mod.world_size()
+    if cfg.sampling.prompts_per_step % world:
+        raise ValueError(f"prompts_per_step={cfg.sampling.prompts_per_step} must be a multiple "
+                         f"of the number of processes ({world})")
+    device, dtype, compute_dtype = _device_and_dtypes(cfg, world)
+    run_dir = Path(cfg.run.output_dir)
+    task, eval_examples, stream = load_data(cfg)
+    prepare_run_dir(cfg, run_dir)
+    seed_everything(cfg.run.seed + rank)
+    loss_fn, logprobs_fn, fused = _select_kernels(cfg, device, world)
+    model, tokenizer = _load_policy(cfg, run_dir, dtype, device, compute_dtype, world)
+    replay = _routing_replay(cfg, model)
+    engine = _rollout_engine(cfg, model, tokenizer, replay, run_dir)
+    reward_fns, reward_weights = _rewards(cfg, task)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.learning_rate,
+                                  weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(cfg, step))
+    forward = PolicyForward(device=device, micro_batch_size=cfg.optim.micro_batch_size,
+                            temperature=cfg.sampling.temperature, fused=fused,
+                            logprobs_fn=logprobs_fn, replay=replay,
+                            router_aux_loss=cfg.loss.router_aux_loss_coef > 0)
+    return TrainerParts(cfg, run_dir, rank, world, device, dtype, compute_dtype, task,
+                        eval_examples, stream, model, tokenizer, replay, engine, reward_fns,
+                        reward_weights, optimizer, scheduler, forward, loss_fn)
+
+
+def load_reference(parts: TrainerParts) -> torch.nn.Module:
+    """The frozen reference model: the cold-started policy (else the initial one), from disk,
+    on the CPU with ref_on_cpu, sharded like the policy under torchrun."""
+    cfg, run_dir = parts.config, parts.run_dir
+    source = run_dir / "cold-start"
+    if not (source / "config.json").is_file():
+        source = Path(cfg.model.path) if cfg.model.path else run_dir / "init-model"
+    on_cpu = cfg.model.ref_on_cpu and parts.world == 1
+    ref, _ = load_model(source, dtype=parts.dtype,
+                        device=torch.device("cpu") if on_cpu else parts.device)
+    ref.eval().requires_grad_(False)
+    if parts.world > 1:  # sharded like the policy (ref_on_cpu does not apply)
+        dist_mod.shard_model(ref, compute_dtype=parts.compute_dtype)
+    return ref
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_factor(cfg: GRPOConfig, step: int) -> float:
+    """The learning-rate multiplier at a GRPO step: linear warmup, then constant, linear or
+    cosine decay to 0 at the last step."""
+    o = cfg.optim
+    warmup, total = o.warmup_steps, max(o.steps, 1)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    if o.lr_schedule == "linear":
+        return 1.0 - progress
+    if o.lr_schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def load_data(cfg: GRPOConfig):
+    """(task or None, held-out examples, training stream)."""
+    d, seed = cfg.data, cfg.run.seed
+    if d.data:
+        needs_answer = "accuracy" in (d.rewards or ["accuracy"])
+        examples = data_mod.load_jsonl(d.data, require_answer=needs_answer)
+        if d.eval_size >= len(examples):
+            raise ValueError(f"{d.data} has {len(examples)} examples: not enough for "
+                             f"eval_size={d.eval_size} plus training")
+        train, evals = data_mod.split_examples(examples, d.eval_size, seed)
+        return None, evals, data_mod.JsonlStream(train, seed)
+    task = tasks_mod.make_task(d.task, **d.task_args)
+    evals, stream = data_mod.task_splits(task, seed, d.eval_size)
+    return task, evals, stream
+
+
+def prepare_run_dir(cfg: GRPOConfig, run_dir: Path) -> None:
+    """Rank 0 checks and prepares the run directory; the others wait for its verdict."""
+    error = None
+    if dist_mod.is_main():
+        holds_run = (run_dir / "config.json").is_file()
+        if cfg.run.resume:
+            if find_checkpoint(run_dir) is None:
+                error = f"--resume: {run_dir} has no checkpoint to resume from"
+        elif holds_run and not cfg.run.overwrite:
+            error = (f"{run_dir} holds another run; pass --resume to continue it or "
+                     f"--overwrite to replace it")
+        elif holds_run:
+            shutil.rmtree(run_dir)
+        if error is None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(run_dir / "config.json", cfg.to_dict())
+    error = dist_mod.broadcast_object(error)
+    if error:
+        raise ValueError(error)
+
+
+def write_json(path: Path, value: dict) -> None:
+    import json
+
+    atomic_write(path, json.dumps(value, indent=2, default=str))
+
+
+def _device_and_dtypes(cfg: GRPOConfig, world: int):
+    m = cfg.model
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
+                          if m.device == "auto" else m.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtype = DTYPES["bf16" if device.type == "cuda" else "fp32"] if m.dtype == "auto" \
+        else DTYPES[m.dtype]
+    # Sharded runs keep fp32 master parameters and compute in the chosen dtype.
+    if world > 1 and dtype != torch.float32:
+        return device, torch.float32, dtype
+    return device, dtype, None
+
+
+def _select_kernels(cfg: GRPOConfig, device: torch.device, world: int):
+    """(loss_fn, logprobs_fn, fused lm_head loss on or off)."""
+    backend = cfg.model.kernel_backend
+    fused = cfg.model.fused_loss
+    if fused is None:
+        fused = device.type == "cuda" and backend != "reference"
+    # The load-balancing loss comes from the full model's forward: not with the fused path.
+    # Nor with FSDP: the lm_head weight is only gathered inside the model's own forward.
+    fused = bool(fused) and cfg.loss.router_aux_loss_coef == 0 and world == 1
+    if backend == "triton" and not kernels._checks.use_triton(torch.empty(0, device=device)):
+        raise ValueError("kernel_backend='triton' needs a CUDA device (or TRITON_INTERPRET=1)")
+    if backend == "reference":
+        return reference.grpo_loss_ref, reference.token_logprobs_ref, fused
+    return kernels.grpo_loss, kernels.token_logprobs, fused
+
+
+def _load_policy(cfg, run_dir, dtype, device, compute_dtype, world):
+    path = Path(cfg.model.path) if cfg.model.path else run_dir / "init-model"
+    if is_demo(cfg.model.path) and not (path / "config.json").is_file() and dist_mod.is_main():
+        # The built-in demo model: a small Qwen2 with the character tokenizer.
+        make_tiny(path, family="qwen2", hidden=128, layers=4, seed=cfg.run.seed)
+    dist_mod.barrier()
+    model, tokenizer = load_model(path, dtype=dtype, device=device)
+    if cfg.model.gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        (enable or model.gradient_checkpointing_enable)()
+    if world > 1:
+        dist_mod.shard_model(model, compute_dtype=compute_dtype)
+    return model, tokenizer
+
+
+def _routing_replay(cfg: GRPOConfig, model) -> RoutingReplay | None:
+    """MoE policies record the sampler's experts and replay them in training; the router can
+    be frozen. The reference model never replays."""
+    is_moe = model.config.model_type in MOE_FAMILIES
+    if cfg.moe.freeze_router and is_moe:
+        for block in model.modules():
+            if hasattr(getattr(block, "experts", None), "gate_up_proj"):
+                block.gate.requires_grad_(False)
+    wanted = cfg.moe.routing_replay
+    if wanted and not is_moe:
+        raise ValueError(f"--routing-replay needs an MoE model, got {model.config.model_type}")
+    if cfg.rollout.engine == "vllm":
+        if wanted:
+            raise ValueError("--routing-replay needs --rollout transformers: vLLM does not "
+                             "report the experts it used")
+        wanted = False
+    return RoutingReplay(model) if is_moe and wanted is not False else None
+
+
+def _rollout_engine(cfg: GRPOConfig, model, tokenizer, replay, run_dir: Path):
+    s, r = cfg.sampling, cfg.rollout
+    sampling = SamplingParams(max_prompt_length=cfg.data.max_prompt_length,
+                              max_completion_length=s.max_completion_length,
+                              temperature=s.temperature, top_p=s.top_p,
+                              prompt_overflow=cfg.data.prompt_overflow, ignore_eos=s.ignore_eos)
+    if r.engine == "vllm":
+        options = dict(model_path=cfg.model.path or str(run_dir / "init-model"),
+                       seed=cfg.run.seed, gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+                       sleep=r.vllm_sleep)
+    else:
+        if r.sampler_correction != "none" and s.top_p < 1:
+            warnings.warn("the transformers engine records log-probs after top_p; with "
+                          "top_p < 1 the sampler correction is biased", stacklevel=2)
+        options = dict(replay=replay, cache=r.generation_cache, compile=r.compile_generation)
+    return make_engine(r.engine, model, tokenizer, sampling, **options)
+
+
+def _rewards(cfg: GRPOConfig, task) -> tuple[list, torch.Tensor]:
+    d = cfg.data
+    names = list(d.rewards) or list(task.rewards if task else ("accuracy", "format"))
+    if cfg.sampling.overlong_buffer > 0 and "overlong" not in names:
+        names.append("overlong")
+    reward_fns = [rewards_mod.resolve_reward(spec) for spec in names]
+    weights = list(d.reward_weights) or [1.0] * len(reward_fns)
+    weights += [1.0] * (len(reward_fns) - len(weights))
+    return reward_fns, torch.tensor(weights, dtype=torch.float32)
