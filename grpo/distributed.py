@@ -1,4 +1,4 @@
-"""Data-parallel GRPO with torch.distributed: `torchrun --nproc-per-node N -m grpo.train ...`.
+"""Data-parallel GRPO with torch.distributed: `torchrun --nproc-per-node N -m grpo.cli.train ...`.
 
 Design (what the trainer relies on):
 - Every rank runs the same loop on its own prompts. A prompt's G completions stay on one

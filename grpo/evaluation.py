@@ -1,5 +1,8 @@
-"""What grpo.eval and grpo.sample share: prompt sources, batched sampling, scoring with the
-training rewards, and the metrics of k samples per prompt (pass@k, cons@k).
+"""k scored samples per prompt, the library under grpo-eval and grpo-sample: prompt sources,
+the model's default template and completion length, batched sampling, scoring with the
+training rewards; then what is made of the samples: the metrics (pass@k, cons@k) and the
+evaluation report (`summarize`, `per_prompt`), and the rejection filter that turns them into
+SFT data (`rejection_filter`); and grpo-train's held-out greedy accuracy.
 
 Sampling goes through the trainer's rollout engines (`make_engine`) and scoring through
 `grpo.rewards.score` with the same reward functions and columns as a GRPO step, so a number
@@ -13,27 +16,35 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from . import data as data_mod
 from . import rewards as rewards_mod
 from . import tasks as tasks_mod
+from .config import DEMO
 from .rollout import SamplingParams, make_engine
 
 __all__ = [
     "Samples",
     "build_engine",
     "cons_at_k",
+    "default_pass_ks",
+    "greedy_accuracy",
     "is_char_tokenizer",
     "load_model_for_eval",
     "majority_vote",
     "pass_at_k",
+    "per_prompt",
     "prompt_examples",
+    "rejection_filter",
+    "resolve_completion_length",
     "resolve_template",
     "reward_columns",
     "reward_functions",
     "sample_and_score",
+    "summarize",
 ]
 
 
@@ -87,18 +98,30 @@ def cons_at_k(texts: Sequence[str], correct: Sequence[bool]) -> bool:
 
 def is_char_tokenizer(tokenizer) -> bool:
     """True for a character-level vocabulary (every regular token one character), such as
-    models.tiny's: such models use the short template and short completions, as grpo-train
-    does for its built-in model."""
+    models.tiny's: such models get the demo's template and completion length (config.DEMO),
+    as grpo-train gives its built-in model.
+
+    grpo-eval, grpo-sample and grpo-sft read a model directory, which may be one the demo
+    built (a run's final/): they key these two defaults on the tokenizer, not on
+    config.is_demo (no --model), which is false for such a directory."""
     added = set(tokenizer.get_added_vocab())
     return all(len(tok) == 1 for tok in tokenizer.get_vocab() if tok not in added)
 
 
 def resolve_template(template: str | None, tokenizer) -> str:
-    """The given template, else the one grpo-train picks: "short" for character-level
-    tokenizers (the built-in model), "r1zero" otherwise."""
+    """The given template, else DEMO's ("short") for character-level tokenizers (the built-in
+    model) and grpo-train's default, "r1zero", otherwise."""
     if template:
         return template
-    return "short" if is_char_tokenizer(tokenizer) else "r1zero"
+    return DEMO["template"] if is_char_tokenizer(tokenizer) else "r1zero"
+
+
+def resolve_completion_length(max_completion_length: int | None, tokenizer) -> int:
+    """The given length, else DEMO's (64) for character-level tokenizers and grpo-train's
+    default, 256, otherwise."""
+    if max_completion_length:
+        return max_completion_length
+    return DEMO["max_completion_length"] if is_char_tokenizer(tokenizer) else 256
 
 
 def load_model_for_eval(path: str):
@@ -242,6 +265,102 @@ def sample_and_score(model, tokenizer, examples: list[dict], reward_fns: list, *
     return Samples(examples, [texts[i * k:(i + 1) * k] for i in range(p)],
                    lengths_t.view(p, k), truncated_t.view(p, k),
                    rewards.view(p, k, -1), [name for name, _ in reward_fns])
+
+
+# --- what is made of the samples: the evaluation report, SFT data ---------------------------
+
+def default_pass_ks(samples: int) -> list[int]:
+    """The j values of pass@j grpo-eval reports by default: 1, 2, 4, ... below k, and k."""
+    ks, j = [], 1
+    while j < samples:
+        ks.append(j)
+        j *= 2
+    return ks + [samples]
+
+
+def summarize(result: Samples, pass_ks: list[int]) -> dict:
+    """The metrics of k scored samples per prompt (grpo-eval's report): pass@1, pass@j for
+    j in pass_ks, cons@k, the format rate, each reward's mean, the mean completion length and
+    the truncation rate."""
+    correct = result.correct
+    k = correct.shape[1]
+    counts = correct.sum(1).tolist()
+    metrics = {"prompts": len(counts), "samples": k,
+               "pass@1": float(correct.float().mean())}
+    for j in pass_ks:
+        metrics[f"pass@{j}"] = float(np.mean([pass_at_k(k, c, j) for c in counts]))
+    metrics[f"cons@{k}"] = float(np.mean([cons_at_k(texts, row.tolist())
+                                          for texts, row in zip(result.texts, correct,
+                                                                strict=True)]))
+    if "format" in result.reward_names:
+        metrics["format"] = float(result.reward("format").mean())
+    for r, name in enumerate(result.reward_names):
+        metrics[f"reward/{name}"] = float(torch.nanmean(result.rewards[:, :, r]))
+    metrics["completion_length"] = float(result.lengths.float().mean())
+    metrics["truncated"] = float(result.truncated.float().mean())
+    return metrics
+
+
+def per_prompt(result: Samples) -> list[dict]:
+    """Each prompt's example with its count of correct samples, the completions and the
+    answers the accuracy reward read from them."""
+    rows = []
+    for ex, texts, row in zip(result.examples, result.texts, result.correct, strict=True):
+        rows.append({**ex, "correct": int(row.sum()), "completions": texts,
+                     "answers": [rewards_mod.answer_key(t) for t in texts]})
+    return rows
+
+
+def rejection_filter(result: Samples, *, keep: str = "correct", max_per_prompt: int | None = None,
+                     min_language: float | None = None) -> tuple[list[dict], dict]:
+    """(rows, stats): the kept completions as example rows with a "completion" column, and
+    how many were sampled, kept and rejected, per reward ("rejected"; a completion failing two
+    rewards counts under both), as duplicates and over max_per_prompt.
+
+    keep="correct" needs the first reward at 1.0, "format" at 1.0 when scored, and
+    "language" >= min_language when given; keep="all" only dedupes and caps.
+    """
+    if keep not in ("correct", "all"):
+        raise ValueError(f"--keep must be 'correct' or 'all', got {keep!r}")
+    if max_per_prompt is not None and max_per_prompt < 1:
+        raise ValueError(f"--max-per-prompt must be >= 1, got {max_per_prompt}")
+    if min_language is not None and "language" not in result.reward_names:
+        raise ValueError("a language-consistency threshold needs the 'language' reward scored")
+    checks: dict[str, torch.Tensor] = {}
+    if keep == "correct":
+        checks[result.reward_names[0]] = result.correct
+        if "format" in result.reward_names:
+            checks["format"] = result.reward("format") == 1.0
+        if min_language is not None:
+            checks["language"] = result.reward("language") >= min_language
+    passed = torch.ones_like(result.correct)
+    for ok in checks.values():
+        passed &= ok
+    rows: list[dict] = []
+    duplicates = over_cap = 0
+    for i, example in enumerate(result.examples):
+        seen: set[str] = set()
+        for j, text in enumerate(result.texts[i]):
+            if not passed[i, j]:
+                continue
+            if text in seen:
+                duplicates += 1
+                continue
+            seen.add(text)
+            if max_per_prompt is not None and len(seen) > max_per_prompt:
+                over_cap += 1
+                continue
+            rows.append({**example, "completion": text})
+    stats = {"prompts": len(result.examples), "sampled": result.correct.numel(),
+             "kept": len(rows), "prompts_kept": len({r["prompt"] for r in rows}),
+             "rejected": {name: int((~ok).sum()) for name, ok in checks.items()},
+             "duplicates": duplicates, "over_max_per_prompt": over_cap}
+    if not rows:
+        reasons = ", ".join(f"{n} by {name}" for name, n in stats["rejected"].items())
+        raise ValueError(f"no completion kept: {stats['sampled']} sampled, rejected {reasons}; "
+                         f"{duplicates} duplicates. Sample more (--samples, --num-prompts), at "
+                         f"a different --temperature, or relax the filter")
+    return rows, stats
 
 
 @torch.no_grad()

@@ -1,28 +1,18 @@
-"""Supervised fine-tuning on (prompt, completion) pairs: DeepSeek-R1's cold start.
+"""Supervised fine-tuning on (prompt, completion) pairs: DeepSeek-R1's cold start, and
+distillation into a student (the command is grpo-sft, grpo/cli/sft.py).
 
 The loss is the mean token cross-entropy over completion tokens only (the prompt is
-context), each completion ending with EOS so the model learns to stop.
-
-    python -m grpo.sft --model DIR --data pairs.jsonl --steps 300 --output-dir out/
-    python -m grpo.sft --task arithmetic --steps 300 --output-dir out/   # built-in model
-
-Distillation is this command on a teacher's samples (grpo.sample): `--model` is the student
-(any architecture models.load_model reads, dense or MoE), or without it a fresh built-in
-tiny model of --tiny-hidden x --tiny-layers. `--packing` concatenates short examples into
-rows of up to --max-length tokens, each attending only to itself (block-diagonal causal mask,
-positions restarting per example), so the loss is that of the unpacked batch with less
-padding.
+context), each completion ending with EOS so the model learns to stop: `sft_loss`, or
+`sft_loss_packed`, which concatenates short examples into rows of up to max_length tokens
+(`pack`), each attending only to itself (block-diagonal causal mask, positions restarting per
+example), so the loss is that of the unpacked batch with less padding. `run_sft` trains with
+either; grpo-train's cold start calls it too.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
-import sys
-import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -157,82 +147,3 @@ def run_sft(model, tokenizer, pairs: Sequence[tuple[str, str]], *, steps: int, l
         bar.set_postfix(loss=f"{loss_value:.3f}")
     return loss_value
 
-
-def main(argv: list[str] | None = None) -> None:
-    from models import load_model, make_tiny, save_model
-
-    from . import data as data_mod
-    from . import tasks as tasks_mod
-    from .evaluation import resolve_template
-
-    parser = argparse.ArgumentParser(prog="python -m grpo.sft", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="", help="HF model directory (default: built-in tiny)")
-    parser.add_argument("--tiny-hidden", type=int, default=128,
-                        help="without --model: hidden size of the fresh tiny Qwen2")
-    parser.add_argument("--tiny-layers", type=int, default=4,
-                        help="without --model: layers of the fresh tiny Qwen2")
-    parser.add_argument("--data", default="", help="JSONL with prompt and completion columns")
-    parser.add_argument("--task", default="arithmetic", help="built-in task (without --data)")
-    parser.add_argument("--task-args", type=json.loads, default={},
-                        help="task options as JSON, e.g. '{\"operators\": \"+\"}'")
-    parser.add_argument("--eval-size", type=int, default=200,
-                        help="grpo-train's held-out prompts (same --seed) to leave out")
-    parser.add_argument("--template", default=None,
-                        help="prompt template [short for character tokenizers, else r1zero]")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=None, help="[1e-5; 3e-3 built-in model]")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--packing", action="store_true",
-                        help="pack short examples into rows of up to --max-length tokens")
-    parser.add_argument("--max-length", type=int, default=512, help="packed row length")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", required=True)
-    args = parser.parse_args(argv)
-    out = Path(args.output_dir)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    if args.model and not (Path(args.model) / "config.json").is_file():
-        raise ValueError(f"--model {args.model!r} is not a directory with a config.json")
-    path = Path(args.model) if args.model else make_tiny(out.with_name(out.name + "-init"),
-                                                         family="qwen2", hidden=args.tiny_hidden,
-                                                         layers=args.tiny_layers,
-                                                         seed=args.seed)
-    model, tokenizer = load_model(path, dtype=dtype, device=device)
-    # The template grpo-train and grpo.eval pick for this tokenizer, so a distilled student
-    # is trained on the prompts it will be evaluated on.
-    template = resolve_template(args.template, tokenizer)
-    if args.data:
-        examples = data_mod.load_jsonl(args.data)
-        missing = [i for i, ex in enumerate(examples) if "completion" not in ex]
-        if missing:
-            raise ValueError(f"{args.data}: example {missing[0] + 1} has no 'completion'")
-        pairs = [(data_mod.format_prompt(ex, template, tokenizer), ex["completion"])
-                 for ex in examples]
-    else:
-        task = tasks_mod.make_task(args.task, **args.task_args)
-        # Never the prompts grpo-train and grpo.eval hold out, so evaluation stays clean.
-        _, stream = data_mod.task_splits(task, args.seed, args.eval_size)
-        pairs = [(data_mod.format_prompt(ex, template, tokenizer), task.solution(ex))
-                 for ex in stream.next_batch(args.steps * args.batch_size)]
-    lr = args.lr or (3e-3 if not args.model else 1e-5)
-    start = time.perf_counter()
-    loss = run_sft(model, tokenizer, pairs, steps=args.steps, lr=lr,
-                   batch_size=args.batch_size, seed=args.seed,
-                   packing=args.max_length if args.packing else None)
-    save_model(model, tokenizer, out)
-    print(f"final loss {loss:.4f} after {args.steps} steps on {len(pairs)} examples "
-          f"({time.perf_counter() - start:.0f} s); model saved to {out}")
-
-
-def cli() -> int:
-    """The console script `grpo-sft`: main() with bad input reported in one line (exit 2)."""
-    try:
-        main()
-    except ValueError as e:  # bad input: a message, not a traceback
-        print(f"grpo.sft: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli())

@@ -1,4 +1,4 @@
-"""grpo.eval and its metrics: pass@k against exact enumeration, majority vote and its tie
+"""grpo-eval and its metrics: pass@k against exact enumeration, majority vote and its tie
 rule, the held-out split, the aggregate report, and the CLI's errors."""
 
 from __future__ import annotations
@@ -11,15 +11,17 @@ import pytest
 import torch
 
 from grpo import data as data_mod
-from grpo.eval import default_pass_ks, main, summarize
+from grpo.cli.eval import main
 from grpo.evaluation import (
     Samples,
     cons_at_k,
+    default_pass_ks,
     majority_vote,
     pass_at_k,
     prompt_examples,
     reward_columns,
     reward_functions,
+    summarize,
 )
 from grpo.rewards import answer_key, score
 from grpo.tasks import make_task

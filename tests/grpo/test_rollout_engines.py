@@ -270,10 +270,10 @@ def test_vllm_engine_errors(tmp_path, monkeypatch):
 
 
 def test_eval_and_sample_with_the_vllm_engine(tmp_path, fake_vllm, capsys):
-    """grpo.eval and grpo.sample on --rollout vllm: one engine for all their sampling, no
+    """grpo-eval and grpo-sample on --rollout vllm: one engine for all their sampling, no
     weight push (vLLM loaded the same checkpoint), the same report as with transformers."""
-    from grpo.eval import main as eval_main
-    from grpo.sample import main as sample_main
+    from grpo.cli.eval import main as eval_main
+    from grpo.cli.sample import main as sample_main
 
     model = make_tiny(tmp_path / "m", hidden=32, layers=1)
     out = tmp_path / "report.json"

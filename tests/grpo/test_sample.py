@@ -1,4 +1,4 @@
-"""grpo.sample: the rejection filter on hand-written completions, its errors, and a tiny
+"""grpo-sample: the rejection filter on hand-written completions, its errors, and a tiny
 sample -> sft (packed, fresh smaller student) -> eval run that checks the prompt round trip."""
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ import json
 import pytest
 import torch
 
+import grpo.cli.sft
 import grpo.rollout
-import grpo.sft
 from grpo import data as data_mod
-from grpo.eval import main as eval_main
-from grpo.sample import main as sample_main
-from grpo.sample import rejection_filter
-from grpo.sft import main as sft_main
+from grpo.cli.eval import main as eval_main
+from grpo.cli.sample import main as sample_main
+from grpo.cli.sft import main as sft_main
+from grpo.evaluation import rejection_filter
 from grpo.tasks import make_task
 from models import load_model, make_tiny
 from tests.grpo.test_eval import _scored
@@ -75,14 +75,14 @@ def test_sample_sft_eval_round_trip(tmp_path, monkeypatch, capsys):
         seen.extend(prompts)
         return generate(self, prompts, *args, **kwargs)
 
-    run_sft = grpo.sft.run_sft
+    run_sft = grpo.cli.sft.run_sft
 
     def recording_run_sft(model, tokenizer, pairs, **kwargs):
         trained.extend(pairs)
         return run_sft(model, tokenizer, pairs, **kwargs)
 
     monkeypatch.setattr(grpo.rollout.TransformersEngine, "generate", recording_generate)
-    monkeypatch.setattr(grpo.sft, "run_sft", recording_run_sft)
+    monkeypatch.setattr(grpo.cli.sft, "run_sft", recording_run_sft)
     pairs = tmp_path / "pairs.jsonl"
     rc = sample_main(["--model", str(teacher), "--task-args", '{"operators": "+"}',
                       "--num-prompts", "4", "--samples", "2", "--max-completion-length", "6",
@@ -94,9 +94,9 @@ def test_sample_sft_eval_round_trip(tmp_path, monkeypatch, capsys):
     assert not {r["prompt"] for r in rows} & {e["prompt"] for e in held_out}
 
     student = tmp_path / "student"
-    sft_main(["--data", str(pairs), "--tiny-hidden", "16", "--tiny-layers", "1", "--steps", "2",
-              "--batch-size", "4", "--packing", "--max-length", "64",
-              "--output-dir", str(student)])
+    assert sft_main(["--data", str(pairs), "--tiny-hidden", "16", "--tiny-layers", "1",
+                     "--steps", "2", "--batch-size", "4", "--packing", "--max-length", "64",
+                     "--output-dir", str(student)]) == 0
     # The student saw each prompt exactly as the teacher was sampled with it.
     assert {p for p, _ in trained} == set(seen)
     assert [c for _, c in trained] == [r["completion"] for r in rows]

@@ -1,11 +1,16 @@
 """SFT packing: rows are filled in order, and the packed loss and gradients equal the
-unpacked ones (dense and MoE), which plain concatenation would not give."""
+unpacked ones (dense and MoE), which plain concatenation would not give; the grpo-sft
+command on a dataset and on a built-in task."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
+import grpo.cli.sft
+from grpo.cli.sft import build_parser, run
 from grpo.sft import _encode, pack, run_sft, sft_loss, sft_loss_packed
 from models import load_model, make_tiny
 
@@ -57,17 +62,41 @@ def test_run_sft_with_packing_trains(tmp_path):
         run_sft(model, tok, PAIRS, steps=1, lr=1e-3, batch_size=2, packing=0)
 
 
+def sft_command(argv: list[str]) -> None:
+    """grpo-sft without main's error handling: bad input raises ValueError."""
+    print(run(build_parser().parse_args(argv)))
+
+
+def test_sft_command_trains_and_saves(tmp_path, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"{i}+1", "completion":
+                                         f"<think>{i}+1={i + 1}</think><answer>{i + 1}</answer>"})
+                             + "\n" for i in range(10)))
+    assert grpo.cli.sft.main(["--data", str(pairs), "--steps", "3", "--batch-size", "4",
+                              "--output-dir", str(tmp_path / "out")]) == 0
+    assert "final loss" in capsys.readouterr().out
+    model, tok = load_model(tmp_path / "out", dtype=torch.float32)
+    assert model.config.model_type == "qwen2" and tok.eos_token_id is not None
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1"}\n')
+    assert grpo.cli.sft.main(["--data", str(bad), "--output-dir", str(tmp_path / "out2")]) == 2
+    assert "grpo-sft: error:" in (err := capsys.readouterr().err) and "has no 'completion'" in err
+    with pytest.raises(ValueError, match="has no 'completion'"):
+        sft_command(["--data", str(bad), "--output-dir", str(tmp_path / "out2")])
+    assert grpo.cli.sft.main(["--model", str(tmp_path), "--output-dir", str(tmp_path / "o")]) == 2
+    assert "not a directory with a config.json" in capsys.readouterr().err
+
+
 def test_sft_command_on_a_task_skips_held_out_prompts(tmp_path, monkeypatch):
-    import grpo.sft
     from grpo import data as data_mod
     from grpo.tasks import make_task
 
     trained = []
-    monkeypatch.setattr(grpo.sft, "run_sft", lambda model, tok, pairs, **kw: trained.extend(pairs)
-                        or 0.0)
-    grpo.sft.main(["--task-args", '{"operators": "+"}', "--eval-size", "500", "--steps", "20",
-                   "--batch-size", "50", "--tiny-hidden", "16", "--tiny-layers", "1",
-                   "--output-dir", str(tmp_path / "out")])
+    monkeypatch.setattr(grpo.cli.sft, "run_sft",
+                        lambda model, tok, pairs, **kw: trained.extend(pairs) or 0.0)
+    grpo.cli.sft.main(["--task-args", '{"operators": "+"}', "--eval-size", "500", "--steps",
+                       "20", "--batch-size", "50", "--tiny-hidden", "16", "--tiny-layers", "1",
+                       "--output-dir", str(tmp_path / "out")])
     held_out, _ = data_mod.task_splits(make_task("arithmetic", operators="+"), 0, 500)
     prompts = {p.rstrip("\n") for p, _ in trained}
     assert len(trained) == 1000 and all("+" in p for p in prompts)

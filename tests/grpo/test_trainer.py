@@ -12,10 +12,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from grpo.build import build_trainer
+from grpo.cli.train import main
 from grpo.config import GRPOConfig, parse_config
 from grpo.metrics import read_metrics
 from grpo.rollout import Rollout
-from grpo.train import main
 from models import load_model, make_tiny
 
 FAST = dict(steps=3, sft_steps=2, prompts_per_step=2, num_generations=4,
@@ -212,24 +212,6 @@ def test_loss_options_reach_the_kernels(tmp_path):
             loss.top_entropy_quantile, loss.off_policy_mask_threshold, loss.importance_level,
             loss.sapo_temperature_neg) == ("vespo", 0.04, False, 0.1, 0.1, 0.01, 1.5, 2.5,
                                            0.2, 0.5, "sequence", 2.0)
-
-
-def test_sft_command_trains_and_saves(tmp_path, capsys):
-    from grpo.sft import main as sft_main
-
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps({"prompt": f"{i}+1", "completion":
-                                         f"<think>{i}+1={i + 1}</think><answer>{i + 1}</answer>"})
-                             + "\n" for i in range(10)))
-    sft_main(["--data", str(pairs), "--steps", "3", "--batch-size", "4",
-              "--output-dir", str(tmp_path / "out")])
-    assert "final loss" in capsys.readouterr().out
-    model, tok = load_model(tmp_path / "out", dtype=torch.float32)
-    assert model.config.model_type == "qwen2" and tok.eos_token_id is not None
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "1+1"}\n')
-    with pytest.raises(ValueError, match="has no 'completion'"):
-        sft_main(["--data", str(bad), "--output-dir", str(tmp_path / "out2")])
 
 
 @pytest.mark.gpu

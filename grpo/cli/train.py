@@ -1,8 +1,9 @@
-"""The command line: `grpo-train [flags]` or `python -m grpo.train [flags]`.
+"""grpo-train (or `python -m grpo.cli.train`, `torchrun ... -m grpo.cli.train`): the flags
+and --config file of grpo.config -> build_trainer -> train; prints the summary as JSON.
 
-With no arguments it runs the embedded default: a tiny Qwen2-architecture model with a
-character tokenizer gets a short supervised cold start, then learns arithmetic with GRPO,
-on the CPU in a few minutes, and reports held-out accuracy before and after.
+With no arguments it runs the embedded demo (config.DEMO): a tiny Qwen2-architecture model
+with a character tokenizer gets a short supervised cold start, then learns arithmetic with
+GRPO, on the CPU in a few minutes, and reports held-out accuracy before and after.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from __future__ import annotations
 import json
 import sys
 
-from . import distributed
-from .build import build_trainer
-from .config import parse_config
-from .rewards import RewardError
+from .. import distributed
+from ..build import build_trainer
+from ..config import parse_config
+from .args import BAD_INPUT, bad_input
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,9 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = trainer.train()
         main_process = distributed.is_main()
         finished = True
-    except (ValueError, RewardError) as e:  # bad input: a message, not a traceback
-        print(f"grpo-train: error: {e}", file=sys.stderr)
-        return 2
+    except BAD_INPUT as e:  # bad input: a message, not a traceback
+        return bad_input("grpo-train", e)
     finally:
         left_group = distributed.shutdown(wait_for_peers=finished)
     if main_process:
