@@ -76,64 +76,97 @@ class GRPOTrainer:
     # --- the run ----------------------------------------------------------------------
 
     def train(self) -> dict:
+        """The whole run: resume or cold start, held-out evaluation, the GRPO steps,
+        evaluation again, the checkpoint, final/ and summary.json."""
         start = time.perf_counter()
-        cfg, main = self.cfg, dist_mod.is_main()
-        if cfg.run.resume:
+        self._resume_or_cold_start()
+        before = self.state["eval"]["before_grpo"]
+        logger = self._logger()
+        try:
+            if self.cfg.loss.beta > 0:
+                self.ref_model = load_reference(self.parts)
+            self._run_steps(logger)
+            after = self.evaluate()
+            logger.message(f"held-out accuracy after GRPO: {after['accuracy']:.3f}")
+            self.save_checkpoint()
+            # In the dtype a single process trains in (sharded runs keep fp32 master weights).
+            dist_mod.save_full_model(
+                self.model, self.tokenizer, self.run_dir / "final", dtype=self.parts.compute_dtype
+            )
+            logger.plot()
+        finally:
+            logger.close()
+        summary = {
+            "accuracy_before_grpo": before["accuracy"],
+            "accuracy_after_grpo": after["accuracy"],
+            "format_before_grpo": before["format"],
+            "format_after_grpo": after["format"],
+            "grpo_steps": self.state["step"],
+            "eval_size": len(self.eval_examples),
+            "seconds": time.perf_counter() - start,
+            "device": str(self.device),
+            "processes": self.world,
+        }
+        if dist_mod.is_main():
+            write_json(self.run_dir / "summary.json", summary)
+        return summary
+
+    def _resume_or_cold_start(self) -> None:
+        """Back to the checkpoint's state with --resume; the cold start and the evaluation
+        before GRPO unless the checkpoint already has them."""
+        main = dist_mod.is_main()
+        if self.cfg.run.resume:
             path = find_checkpoint(self.run_dir) if main else None
             dist_mod.barrier()  # rank 0 may have repaired a checkpoint interrupted mid-swap
-            self.state = load_checkpoint(path or self.run_dir / "checkpoint", self.model,
-                                         self.optimizer, self.scheduler, device=self.device)
+            self.state = load_checkpoint(
+                path or self.run_dir / "checkpoint",
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                device=self.device,
+            )
             self.stream.position = self.state["data_position"]
         if not self.state["sft_done"]:
             self._cold_start()
         if "before_grpo" not in self.state["eval"]:
             self.state["eval"]["before_grpo"] = self.evaluate()
-        before = self.state["eval"]["before_grpo"]
         if main:
-            print(f"held-out accuracy before GRPO: {before['accuracy']:.3f}", flush=True)
-        steps = cfg.optim.steps
-        logger = RunLogger(self.run_dir, steps, start_step=self.state["step"],
-                           tensorboard=cfg.run.tensorboard, show_progress=cfg.run.progress) \
-            if main else SilentLogger()
-        try:
-            if cfg.loss.beta > 0:
-                self.ref_model = load_reference(self.parts)
-            while self.state["step"] < steps:
-                metrics = self.step()
-                self.state["step"] += 1
-                self.state["data_position"] = self.stream.position
-                step = self.state["step"]
-                if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < steps:
-                    metrics["eval_accuracy"] = self.evaluate()["accuracy"]
-                logger.log(step, metrics)
-                if cfg.run.save_every and step % cfg.run.save_every == 0 and step < steps:
-                    self.save_checkpoint()
-            after = self.evaluate()
-            logger.message(f"held-out accuracy after GRPO: {after['accuracy']:.3f}")
-            self.save_checkpoint()
-            # In the dtype a single process trains in (sharded runs keep fp32 master weights).
-            dist_mod.save_full_model(self.model, self.tokenizer, self.run_dir / "final",
-                                     dtype=self.parts.compute_dtype)
-            logger.plot()
-        finally:
-            logger.close()
-        summary = {
-            "accuracy_before_grpo": before["accuracy"], "accuracy_after_grpo": after["accuracy"],
-            "format_before_grpo": before["format"], "format_after_grpo": after["format"],
-            "grpo_steps": self.state["step"], "eval_size": len(self.eval_examples),
-            "seconds": time.perf_counter() - start, "device": str(self.device),
-            "processes": self.world,
-        }
-        if main:
-            write_json(self.run_dir / "summary.json", summary)
-        return summary
+            accuracy = self.state["eval"]["before_grpo"]["accuracy"]
+            print(f"held-out accuracy before GRPO: {accuracy:.3f}", flush=True)
+
+    def _logger(self):
+        run = self.cfg.run
+        if not dist_mod.is_main():
+            return SilentLogger()
+        return RunLogger(
+            self.run_dir,
+            self.cfg.optim.steps,
+            start_step=self.state["step"],
+            tensorboard=run.tensorboard,
+            show_progress=run.progress,
+        )
+
+    def _run_steps(self, logger) -> None:
+        """GRPO steps up to optim.steps, with the periodic evaluations and checkpoints."""
+        steps, run = self.cfg.optim.steps, self.cfg.run
+        while self.state["step"] < steps:
+            metrics = self.step()
+            self.state["step"] += 1
+            self.state["data_position"] = self.stream.position
+            step = self.state["step"]
+            if run.eval_every and step % run.eval_every == 0 and step < steps:
+                metrics["eval_accuracy"] = self.evaluate()["accuracy"]
+            logger.log(step, metrics)
+            if run.save_every and step % run.save_every == 0 and step < steps:
+                self.save_checkpoint()
 
     def _cold_start(self) -> None:
         c = self.cfg.cold_start
         if c.sft_steps > 0:
             if c.sft_data:
-                pairs = [(self.prompt(ex), ex["completion"])
-                         for ex in data_mod.load_jsonl(c.sft_data)]
+                pairs = [
+                    (self.prompt(ex), ex["completion"]) for ex in data_mod.load_jsonl(c.sft_data)
+                ]
             elif self.task is not None:
                 # Worked solutions of training prompts (never the held-out ones).
                 held_out = {e["prompt"] for e in self.eval_examples}
@@ -141,13 +174,20 @@ class GRPOTrainer:
                 examples = stream.next_batch(c.sft_steps * c.sft_batch_size)
                 pairs = [(self.prompt(ex), self.task.solution(ex)) for ex in examples]
             else:
-                raise ValueError("--sft-steps with --data needs --sft-data (prompt and "
-                                 "completion columns)")
+                raise ValueError(
+                    "--sft-steps with --data needs --sft-data (prompt and completion columns)"
+                )
             # Data parallel under torchrun: each rank its own batches, FSDP averages gradients.
-            loss = run_sft(self.model, self.tokenizer, pairs, steps=c.sft_steps,
-                           lr=c.sft_learning_rate, batch_size=c.sft_batch_size,
-                           seed=self.cfg.run.seed + self.rank,
-                           show_progress=self.cfg.run.progress and dist_mod.is_main())
+            loss = run_sft(
+                self.model,
+                self.tokenizer,
+                pairs,
+                steps=c.sft_steps,
+                lr=c.sft_learning_rate,
+                batch_size=c.sft_batch_size,
+                seed=self.cfg.run.seed + self.rank,
+                show_progress=self.cfg.run.progress and dist_mod.is_main(),
+            )
             if dist_mod.is_main():
                 print(f"cold start: {c.sft_steps} SFT steps, final loss {loss:.3f}", flush=True)
             # The reference of the RL stage is the cold-started policy: keep it on disk.
@@ -156,8 +196,14 @@ class GRPOTrainer:
 
     def save_checkpoint(self) -> None:
         # A collective under torchrun: every rank writes its shard.
-        save_checkpoint(self.run_dir / "checkpoint", self.model, self.tokenizer,
-                        self.optimizer, self.scheduler, copy.deepcopy(self.state))
+        save_checkpoint(
+            self.run_dir / "checkpoint",
+            self.model,
+            self.tokenizer,
+            self.optimizer,
+            self.scheduler,
+            copy.deepcopy(self.state),
+        )
 
     # --- one GRPO step ----------------------------------------------------------------
 
@@ -177,8 +223,12 @@ class GRPOTrainer:
         is_weights, extra = None, {}
         if correction:  # pi_old / pi_sampler on the policy term
             is_weights, is_stats = reference.sampler_importance_weights(
-                old_logp, rollout.sampler_logp.to(old_logp.device), loss_mask.to(old_logp.device),
-                mode=cfg.rollout.sampler_correction, cap=cfg.rollout.sampler_correction_cap)
+                old_logp,
+                rollout.sampler_logp.to(old_logp.device),
+                loss_mask.to(old_logp.device),
+                mode=cfg.rollout.sampler_correction,
+                cap=cfg.rollout.sampler_correction_cap,
+            )
             extra = global_token_means(is_stats, loss_mask.sum())
             is_weights = is_weights.to(self.device)
             if mu == 1:
@@ -200,15 +250,53 @@ class GRPOTrainer:
         loss_stats.update(routing, **extra)
         t3 = time.perf_counter()
         phases = {"generate": t1 - t0, "logprobs": t2 - t1, "update": t3 - t2}
-        return step_metrics(batch.rollout, batch.all_rewards, batch.failures,
-                            batch.frac_zero_std, self.reward_fns, self.reward_weights,
-                            loss_stats, grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0],
-                            seconds=t3 - t0, phases=phases, beta=cfg.loss.beta)
+        return step_metrics(
+            batch.rollout,
+            batch.all_rewards,
+            batch.failures,
+            batch.frac_zero_std,
+            self.reward_fns,
+            self.reward_weights,
+            loss_stats,
+            grad_norm=grad_norm,
+            lr=self.scheduler.get_last_lr()[0],
+            seconds=t3 - t0,
+            phases=phases,
+            beta=cfg.loss.beta,
+        )
 
     def sample_batch(self) -> Batch:
         """Rollouts and advantages for prompts_per_step prompts (this rank's share under
         torchrun); with dynamic sampling, groups whose rewards are all equal are dropped and
         more prompts drawn."""
+        g = self.cfg.sampling.num_generations
+        kept, failures, frac_zero_std = self._sample_groups()
+        rollout = Rollout.cat([k[1] for k in kept], self.tokenizer.pad_token_id)
+        rewards = torch.cat([k[2] for k in kept])
+        # Normalised over the whole batch of every rank: equal to one process's advantages
+        # also for scale_rewards="batch" (groups never straddle ranks).
+        all_rewards, offset = dist_mod.gather_rows(rewards)
+        advantages, adv_stats = kernels.group_advantages(
+            all_rewards.to(self.device),
+            g,
+            weights=self.reward_weights.to(self.device),
+            scale=self.cfg.sampling.scale_rewards,
+        )
+        advantages = advantages[offset : offset + rewards.shape[0]]
+        return Batch(
+            [k[0] for k in kept],
+            rollout,
+            rewards,
+            advantages,
+            adv_stats,
+            failures,
+            frac_zero_std,
+            all_rewards,
+        )
+
+    def _sample_groups(self) -> tuple[list, dict[str, int], float]:
+        """([(example, its G rollouts, their rewards)], reward failures, the share of sampled
+        groups (every rank's) whose rewards were all equal)."""
         s, g = self.cfg.sampling, self.cfg.sampling.num_generations
         quota = s.prompts_per_step // self.world
         kept: list[tuple[dict, Rollout, torch.Tensor]] = []
@@ -218,21 +306,20 @@ class GRPOTrainer:
             # One global stream: every rank draws the same examples and takes its slice, and
             # all ranks generate equally often (FSDP's collectives need every rank).
             need = int(dist_mod.all_reduce(quota - len(kept), op="max"))
-            if need == 0 or (rounds and (not s.dynamic_sampling
-                                         or rounds >= s.max_sampling_rounds)):
+            last_round = rounds >= (s.max_sampling_rounds if s.dynamic_sampling else 1)
+            if need == 0 or (rounds and last_round):
                 break
             drawn = self.stream.next_batch(need * self.world)
-            examples = drawn[self.rank * need:(self.rank + 1) * need]
+            examples = drawn[self.rank * need : (self.rank + 1) * need]
             rollout = self.engine.generate([self.prompt(ex) for ex in examples], g)
             rewards, fails = self._score(examples, rollout)
             for name, n in fails.items():
                 failures[name] = failures.get(name, 0) + n
             # Unscorable completions (every reward None) are NaN: a group needs two scorable
             # ones that differ to carry a signal, as group_advantages decides.
-            total = reference.combine_rewards(rewards, self.reward_weights,
-                                              unscorable_nan=True).view(-1, g)
+            total = reference.combine_rewards(rewards, self.reward_weights, unscorable_nan=True)
             for i, ex in enumerate(examples):
-                informative = bool(reference.nanstd(total[i]) > 1e-8)
+                informative = bool(reference.nanstd(total.view(-1, g)[i]) > 1e-8)
                 groups += 1
                 zero_std += not informative
                 if (informative or not s.dynamic_sampling) and len(kept) < quota:
@@ -240,28 +327,25 @@ class GRPOTrainer:
                     kept.append((ex, rollout.select(rows), rewards[rows]))
             rounds += 1
         if not kept:  # dynamic sampling found no group with signal: train on the last draw
-            kept = [(ex, rollout.select(slice(i * g, (i + 1) * g)), rewards[i * g:(i + 1) * g])
-                    for i, ex in enumerate(examples)]
-        rollout = Rollout.cat([k[1] for k in kept], self.tokenizer.pad_token_id)
-        rewards = torch.cat([k[2] for k in kept])
-        # Normalised over the whole batch of every rank: equal to one process's advantages
-        # also for scale_rewards="batch" (groups never straddle ranks).
-        all_rewards, offset = dist_mod.gather_rows(rewards)
-        advantages, adv_stats = kernels.group_advantages(
-            all_rewards.to(self.device), g, weights=self.reward_weights.to(self.device),
-            scale=s.scale_rewards)
-        advantages = advantages[offset:offset + rewards.shape[0]]
-        zero_std, groups = dist_mod.all_reduce(torch.tensor([zero_std, groups],
-                                                            dtype=torch.float64)).tolist()
-        return Batch([k[0] for k in kept], rollout, rewards, advantages, adv_stats, failures,
-                     zero_std / groups, all_rewards)
+            kept = [
+                (ex, rollout.select(slice(i * g, (i + 1) * g)), rewards[i * g : (i + 1) * g])
+                for i, ex in enumerate(examples)
+            ]
+        counts = dist_mod.all_reduce(torch.tensor([zero_std, groups], dtype=torch.float64))
+        return kept, failures, float(counts[0] / counts[1])
 
     def _score(self, examples: list[dict], rollout: Rollout) -> tuple[torch.Tensor, dict]:
         s = self.cfg.sampling
-        columns = reward_columns(examples, s.num_generations, rollout.lengths.tolist(),
-                                 rollout.truncated.tolist(), s.max_completion_length)
-        return rewards_mod.score(self.reward_fns, rollout.texts, columns,
-                                 on_error=self.cfg.data.reward_errors)
+        columns = reward_columns(
+            examples,
+            s.num_generations,
+            rollout.lengths.tolist(),
+            rollout.truncated.tolist(),
+            s.max_completion_length,
+        )
+        return rewards_mod.score(
+            self.reward_fns, rollout.texts, columns, on_error=self.cfg.data.reward_errors
+        )
 
     def _reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
         if not self.cfg.model.ref_on_cpu or self.device.type == "cpu" or self.world > 1:
@@ -272,46 +356,44 @@ class GRPOTrainer:
         finally:
             self.ref_model.to("cpu")
 
-    def accumulate_gradients(self, batch: Batch, loss_mask: torch.Tensor, old_logp,
-                             ref_logp, is_weights: torch.Tensor | None = None) -> dict:
+    def accumulate_gradients(
+        self,
+        batch: Batch,
+        loss_mask: torch.Tensor,
+        old_logp,
+        ref_logp,
+        is_weights: torch.Tensor | None = None,
+    ) -> dict:
         """One pass of forward+backward over micro-batches; the accumulated gradient is that
         of the whole batch in one call. The kernels normalise; this passes them the step's
         counts (every rank's): tokens, sequences and micro-batches.
         is_weights (N, C): the sampler correction on the policy term (TRL's
         importance_sampling_ratio). Returns the loss and the means of the loss statistics
         (token-weighted; the per-sequence extremes *_min / *_max as extremes)."""
-        cfg, rollout, fwd = self.cfg, batch.rollout, self.forward
+        rollout, fwd = batch.rollout, self.forward
         parts = fwd.micro_batches(len(rollout))
         counts = dict(
             num_sequences=int(dist_mod.all_reduce(len(rollout))),
             num_items=dist_mod.all_reduce(loss_mask.sum()).clamp(min=1.0),
-            accumulation_steps=int(dist_mod.all_reduce(sum(real for _, real in parts))))
+            accumulation_steps=int(dist_mod.all_reduce(sum(real for _, real in parts))),
+        )
         # The engine's own log-probs tell the off-policy mask how far the sampler was (TRL
         # uses vLLM's); the transformers engine samples with the trainer's weights.
-        sampler_logp = rollout.sampler_logp.to(self.device) \
-            if cfg.rollout.engine == "vllm" else None
+        vllm = self.cfg.rollout.engine == "vllm"
+        per_token = dict(
+            mask=loss_mask,
+            old_logp=old_logp,
+            ref_logp=ref_logp,
+            sampler_logp=rollout.sampler_logp.to(self.device) if vllm else None,
+            importance_sampling_ratio=is_weights,
+        )
         totals: dict[str, float] = {}
         extremes: dict[str, list[float]] = {}
         tokens = 0.0
         self.model.train()
         for rows, real in parts:
             with fwd.replaying(rollout, rows):  # kept through backward: checkpointing recomputes
-                if fwd.fused:  # the lm_head inside the loss: no (mb, C, V) logits
-                    states, weight = fwd.hidden(self.model, rollout, rows)
-                    loss_fn, aux = functools.partial(kernels.linear_grpo_loss, states, weight), None
-                else:
-                    logits, aux = fwd.logits(self.model, rollout, rows)
-                    loss_fn = functools.partial(self.parts.loss_fn, logits)
-                loss, stats = loss_fn(
-                    rollout.completion_ids[rows], batch.advantages[rows], loss_mask[rows],
-                    None if old_logp is None else old_logp[rows],
-                    None if ref_logp is None else ref_logp[rows], config=cfg.loss,
-                    sampler_logp=None if sampler_logp is None else sampler_logp[rows],
-                    importance_sampling_ratio=None if is_weights is None else is_weights[rows],
-                    # The lm_head's backward does not need its output: on the GPU the
-                    # gradient overwrites the logits instead of doubling their memory.
-                    inplace=self.device.type == "cuda",
-                    aux_loss=aux if cfg.loss.router_aux_loss_coef > 0 else None, **counts)
+                loss, stats = self._micro_batch_loss(batch, rows, per_token, counts)
                 if self.world > 1:
                     # The loss is this rank's share of the step's (global counts) and FSDP
                     # averages gradients over ranks. (set_gradient_divide_factor(1.0) would
@@ -320,11 +402,9 @@ class GRPOTrainer:
                 loss.backward()
             if not real:
                 continue
-            if self.world > 1:
-                loss = loss / self.world
             weight = float(loss_mask[rows].sum())
             tokens += weight
-            totals["loss"] = totals.get("loss", 0.0) + loss.item()
+            totals["loss"] = totals.get("loss", 0.0) + loss.item() / self.world
             for key, value in stats.items():
                 if key.endswith(("_min", "_max")):
                     extremes.setdefault(key, []).append(float(value))
@@ -332,10 +412,40 @@ class GRPOTrainer:
                     totals[key] = totals.get(key, 0.0) + float(value) * weight
         return reduce_loss_stats(totals, tokens, extremes)
 
+    def _micro_batch_loss(self, batch: Batch, rows: slice, per_token: dict, counts: dict):
+        """The GRPO loss of one micro-batch (the kernels' (loss, stats)): logits, or the last
+        hidden states with the lm_head fused into the loss."""
+        fwd, loss_cfg = self.forward, self.cfg.loss
+        rollout = batch.rollout
+        if fwd.fused:  # the lm_head inside the loss: no (mb, C, V) logits
+            states, weight = fwd.hidden(self.model, rollout, rows)
+            loss_fn, aux = functools.partial(kernels.linear_grpo_loss, states, weight), None
+        else:
+            logits, aux = fwd.logits(self.model, rollout, rows)
+            loss_fn = functools.partial(self.parts.loss_fn, logits)
+        sliced = {k: None if v is None else v[rows] for k, v in per_token.items()}
+        return loss_fn(
+            rollout.completion_ids[rows],
+            batch.advantages[rows],
+            sliced.pop("mask"),
+            sliced.pop("old_logp"),
+            sliced.pop("ref_logp"),
+            config=loss_cfg,
+            # The lm_head's backward does not need its output: on the GPU the gradient
+            # overwrites the logits instead of doubling their memory.
+            inplace=self.device.type == "cuda",
+            aux_loss=aux if loss_cfg.router_aux_loss_coef > 0 else None,
+            **sliced,
+            **counts,
+        )
+
     def _optimizer_step(self) -> float:
         max_norm = self.cfg.optim.max_grad_norm
-        grad_norm = dist_mod.local_value(torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), max_norm if max_norm > 0 else float("inf")))
+        grad_norm = dist_mod.local_value(
+            torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), max_norm if max_norm > 0 else float("inf")
+            )
+        )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
