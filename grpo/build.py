@@ -77,8 +77,10 @@ def build_parts(config: GRPOConfig) -> TrainerParts:
     dist_mod.init_from_env()
     rank, world = dist_mod.rank(), dist_mod.world_size()
     if cfg.sampling.prompts_per_step % world:
-        raise ValueError(f"prompts_per_step={cfg.sampling.prompts_per_step} must be a multiple "
-                         f"of the number of processes ({world})")
+        raise ValueError(
+            f"prompts_per_step={cfg.sampling.prompts_per_step} must be a multiple "
+            f"of the number of processes ({world})"
+        )
     device, dtype, compute_dtype = _device_and_dtypes(cfg, world)
     run_dir = Path(cfg.run.output_dir)
     task, eval_examples, stream = load_data(cfg)
@@ -89,17 +91,41 @@ def build_parts(config: GRPOConfig) -> TrainerParts:
     replay = _routing_replay(cfg, model)
     engine = _rollout_engine(cfg, model, tokenizer, replay, run_dir)
     reward_fns, reward_weights = _rewards(cfg, task)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.learning_rate,
-                                  weight_decay=cfg.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(cfg, step))
-    forward = PolicyForward(device=device, micro_batch_size=cfg.optim.micro_batch_size,
-                            temperature=cfg.sampling.temperature, fused=fused,
-                            logprobs_fn=logprobs_fn, replay=replay,
-                            router_aux_loss=cfg.loss.router_aux_loss_coef > 0)
-    return TrainerParts(cfg, run_dir, rank, world, device, dtype, compute_dtype, task,
-                        eval_examples, stream, model, tokenizer, replay, engine, reward_fns,
-                        reward_weights, optimizer, scheduler, forward, loss_fn)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.learning_rate, weight_decay=cfg.optim.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))
+    forward = PolicyForward(
+        device=device,
+        micro_batch_size=cfg.optim.micro_batch_size,
+        temperature=cfg.sampling.temperature,
+        fused=fused,
+        logprobs_fn=logprobs_fn,
+        replay=replay,
+        router_aux_loss=cfg.loss.router_aux_loss_coef > 0,
+    )
+    return TrainerParts(
+        cfg,
+        run_dir,
+        rank,
+        world,
+        device,
+        dtype,
+        compute_dtype,
+        task,
+        eval_examples,
+        stream,
+        model,
+        tokenizer,
+        replay,
+        engine,
+        reward_fns,
+        reward_weights,
+        optimizer,
+        scheduler,
+        forward,
+        loss_fn,
+    )
 
 
 def load_reference(parts: TrainerParts) -> torch.nn.Module:
@@ -110,8 +136,9 @@ def load_reference(parts: TrainerParts) -> torch.nn.Module:
     if not (source / "config.json").is_file():
         source = Path(cfg.model.path) if cfg.model.path else run_dir / "init-model"
     on_cpu = cfg.model.ref_on_cpu and parts.world == 1
-    ref, _ = load_model(source, dtype=parts.dtype,
-                        device=torch.device("cpu") if on_cpu else parts.device)
+    ref, _ = load_model(
+        source, dtype=parts.dtype, device=torch.device("cpu") if on_cpu else parts.device
+    )
     ref.eval().requires_grad_(False)
     if parts.world > 1:  # sharded like the policy (ref_on_cpu does not apply)
         dist_mod.shard_model(ref, compute_dtype=parts.compute_dtype)
@@ -146,8 +173,10 @@ def load_data(cfg: GRPOConfig):
         needs_answer = "accuracy" in (d.rewards or ["accuracy"])
         examples = data_mod.load_jsonl(d.data, require_answer=needs_answer)
         if d.eval_size >= len(examples):
-            raise ValueError(f"{d.data} has {len(examples)} examples: not enough for "
-                             f"eval_size={d.eval_size} plus training")
+            raise ValueError(
+                f"{d.data} has {len(examples)} examples: not enough for "
+                f"eval_size={d.eval_size} plus training"
+            )
         train, evals = data_mod.split_examples(examples, d.eval_size, seed)
         return None, evals, data_mod.JsonlStream(train, seed)
     task = tasks_mod.make_task(d.task, **d.task_args)
@@ -164,8 +193,10 @@ def prepare_run_dir(cfg: GRPOConfig, run_dir: Path) -> None:
             if find_checkpoint(run_dir) is None:
                 error = f"--resume: {run_dir} has no checkpoint to resume from"
         elif holds_run and not cfg.run.overwrite:
-            error = (f"{run_dir} holds another run; pass --resume to continue it or "
-                     f"--overwrite to replace it")
+            error = (
+                f"{run_dir} holds another run; pass --resume to continue it or "
+                f"--overwrite to replace it"
+            )
         elif holds_run:
             shutil.rmtree(run_dir)
         if error is None:
@@ -184,12 +215,16 @@ def write_json(path: Path, value: dict) -> None:
 
 def _device_and_dtypes(cfg: GRPOConfig, world: int):
     m = cfg.model
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
-                          if m.device == "auto" else m.device)
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if m.device == "auto" else m.device
+    )
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", torch.cuda.current_device())
-    dtype = DTYPES["bf16" if device.type == "cuda" else "fp32"] if m.dtype == "auto" \
+    dtype = (
+        DTYPES["bf16" if device.type == "cuda" else "fp32"]
+        if m.dtype == "auto"
         else DTYPES[m.dtype]
+    )
     # Sharded runs keep fp32 master parameters and compute in the chosen dtype.
     if world > 1 and dtype != torch.float32:
         return device, torch.float32, dtype
@@ -240,26 +275,38 @@ def _routing_replay(cfg: GRPOConfig, model) -> RoutingReplay | None:
         raise ValueError(f"--routing-replay needs an MoE model, got {model.config.model_type}")
     if cfg.rollout.engine == "vllm":
         if wanted:
-            raise ValueError("--routing-replay needs --rollout transformers: vLLM does not "
-                             "report the experts it used")
+            raise ValueError(
+                "--routing-replay needs --rollout transformers: vLLM does not "
+                "report the experts it used"
+            )
         wanted = False
     return RoutingReplay(model) if is_moe and wanted is not False else None
 
 
 def _rollout_engine(cfg: GRPOConfig, model, tokenizer, replay, run_dir: Path):
     s, r = cfg.sampling, cfg.rollout
-    sampling = SamplingParams(max_prompt_length=cfg.data.max_prompt_length,
-                              max_completion_length=s.max_completion_length,
-                              temperature=s.temperature, top_p=s.top_p,
-                              prompt_overflow=cfg.data.prompt_overflow, ignore_eos=s.ignore_eos)
+    sampling = SamplingParams(
+        max_prompt_length=cfg.data.max_prompt_length,
+        max_completion_length=s.max_completion_length,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        prompt_overflow=cfg.data.prompt_overflow,
+        ignore_eos=s.ignore_eos,
+    )
     if r.engine == "vllm":
-        options = dict(model_path=cfg.model.path or str(run_dir / "init-model"),
-                       seed=cfg.run.seed, gpu_memory_utilization=r.vllm_gpu_memory_utilization,
-                       sleep=r.vllm_sleep)
+        options = dict(
+            model_path=cfg.model.path or str(run_dir / "init-model"),
+            seed=cfg.run.seed,
+            gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+            sleep=r.vllm_sleep,
+        )
     else:
         if r.sampler_correction != "none" and s.top_p < 1:
-            warnings.warn("the transformers engine records log-probs after top_p; with "
-                          "top_p < 1 the sampler correction is biased", stacklevel=2)
+            warnings.warn(
+                "the transformers engine records log-probs after top_p; with "
+                "top_p < 1 the sampler correction is biased",
+                stacklevel=2,
+            )
         options = dict(replay=replay, cache=r.generation_cache, compile=r.compile_generation)
     return make_engine(r.engine, model, tokenizer, sampling, **options)
 

@@ -42,15 +42,25 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    path: str = _f("", "local HF model directory; empty: the built-in tiny Qwen2 demo model",
-                   flag="model")
-    dtype: str = _f("auto", "bf16, fp16, fp32; auto: bf16 on GPU, fp32 on CPU",
-                    choices=("auto", "bf16", "fp16", "fp32"))
+    path: str = _f(
+        "", "local HF model directory; empty: the built-in tiny Qwen2 demo model", flag="model"
+    )
+    dtype: str = _f(
+        "auto",
+        "bf16, fp16, fp32; auto: bf16 on GPU, fp32 on CPU",
+        choices=("auto", "bf16", "fp16", "fp32"),
+    )
     device: str = _f("auto", "cuda, cpu; auto: cuda when available")
-    kernel_backend: str = _f("auto", "auto (Triton on GPU), triton, reference (PyTorch)",
-                             choices=("auto", "triton", "reference"))
-    fused_loss: bool = _f(None, "GRPO loss and log-probs straight from the last hidden states "
-                                "(lm_head fused in, no (B, T, V) logits); None: on on GPU")
+    kernel_backend: str = _f(
+        "auto",
+        "auto (Triton on GPU), triton, reference (PyTorch)",
+        choices=("auto", "triton", "reference"),
+    )
+    fused_loss: bool = _f(
+        None,
+        "GRPO loss and log-probs straight from the last hidden states "
+        "(lm_head fused in, no (B, T, V) logits); None: on on GPU",
+    )
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward")
     ref_on_cpu: bool = _f(False, "keep the reference model on the CPU between uses")
 
@@ -58,17 +68,24 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     task: str = _f("arithmetic", "built-in task: arithmetic, countdown, sort, reverse")
-    task_args: dict = _f({}, "task options as JSON, e.g. '{\"digits\": 3, \"operators\": \"+-\"}'")
+    task_args: dict = _f({}, 'task options as JSON, e.g. \'{"digits": 3, "operators": "+-"}\'')
     data: str = _f("", "JSONL dataset with prompt and answer columns (replaces --task)")
     template: str = _f("r1zero", "prompt template: r1zero, short, chat (tokenizer's), none")
-    rewards: list = _f([], "reward functions: accuracy, format, language, countdown, overlong, "
-                           "or package.module:function; empty: the task's")
+    rewards: list = _f(
+        [],
+        "reward functions: accuracy, format, language, countdown, overlong, "
+        "or package.module:function; empty: the task's",
+    )
     reward_weights: list = _f([], "one weight per reward function (default all 1)")
-    reward_errors: str = _f("raise", "a reward function that raises: raise (stop) or zero",
-                            choices=("raise", "zero"))
+    reward_errors: str = _f(
+        "raise", "a reward function that raises: raise (stop) or zero", choices=("raise", "zero")
+    )
     max_prompt_length: int = _f(512, "longer prompts are left-truncated (or see --prompt-overflow)")
-    prompt_overflow: str = _f("truncate", "prompts over max_prompt_length: truncate or error",
-                              choices=("truncate", "error"))
+    prompt_overflow: str = _f(
+        "truncate",
+        "prompts over max_prompt_length: truncate or error",
+        choices=("truncate", "error"),
+    )
     eval_size: int = _f(200, "held-out prompts, never trained on")
 
 
@@ -79,10 +96,13 @@ class SamplingConfig:
     max_completion_length: int = _f(256, "max new tokens per completion")
     temperature: float = _f(1.0, "sampling temperature (also used in the loss)")
     top_p: float = _f(1.0, "nucleus sampling")
-    ignore_eos: bool = _f(False, "never sample EOS: every completion is max_completion_length "
-                                 "tokens long (benchmarks)")
-    dynamic_sampling: bool = _f(False, "DAPO: drop groups whose rewards are all equal and draw "
-                                       "more prompts")
+    ignore_eos: bool = _f(
+        False,
+        "never sample EOS: every completion is max_completion_length tokens long (benchmarks)",
+    )
+    dynamic_sampling: bool = _f(
+        False, "DAPO: drop groups whose rewards are all equal and draw more prompts"
+    )
     max_sampling_rounds: int = _f(4, "with dynamic sampling: rounds of extra prompts per step")
     scale_rewards: str = _f("group", "advantage scaling: group, batch, none", choices=SCALES)
     mask_truncated_completions: bool = _f(False, "exclude completions without EOS from the loss")
@@ -91,23 +111,38 @@ class SamplingConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = _f("transformers", "rollout engine: transformers (generate) or vllm "
-                                     "(colocated, needs the vllm package and a GPU)",
-                     flag="rollout", choices=("transformers", "vllm"))
-    generation_cache: str = _f(None, "rollout KV cache: dynamic, or static (preallocated; lets "
-                                     "the decoding forward be compiled); None: static on GPU, "
-                                     "dynamic on CPU", choices=("dynamic", "static"))
-    compile_generation: bool = _f(None, "torch.compile the decoding forward (CUDA graphs on a "
-                                        "GPU; needs the static cache); None: on on GPU with SDPA "
-                                        "attention unless routing replay records")
-    sampler_correction: str = _f(None, "importance weights pi_old / pi_sampler on the policy "
-                                       "term for the sampler/trainer mismatch: none, "
-                                       "token_truncate (TIS), token_mask, sequence_truncate, "
-                                       "sequence_mask; None: token_truncate with vllm, else none",
-                                 choices=SAMPLER_CORRECTIONS)
+    engine: str = _f(
+        "transformers",
+        "rollout engine: transformers (generate) or vllm "
+        "(colocated, needs the vllm package and a GPU)",
+        flag="rollout",
+        choices=("transformers", "vllm"),
+    )
+    generation_cache: str = _f(
+        None,
+        "rollout KV cache: dynamic, or static (preallocated; lets "
+        "the decoding forward be compiled); None: static on GPU, "
+        "dynamic on CPU",
+        choices=("dynamic", "static"),
+    )
+    compile_generation: bool = _f(
+        None,
+        "torch.compile the decoding forward (CUDA graphs on a "
+        "GPU; needs the static cache); None: on on GPU with SDPA "
+        "attention unless routing replay records",
+    )
+    sampler_correction: str = _f(
+        None,
+        "importance weights pi_old / pi_sampler on the policy "
+        "term for the sampler/trainer mismatch: none, "
+        "token_truncate (TIS), token_mask, sequence_truncate, "
+        "sequence_mask; None: token_truncate with vllm, else none",
+        choices=SAMPLER_CORRECTIONS,
+    )
     sampler_correction_cap: float = _f(2.0, "cap of those importance weights")
-    vllm_gpu_memory_utilization: float = _f(0.3, "vllm: share of GPU memory for weights and "
-                                                 "KV cache (the trainer needs the rest)")
+    vllm_gpu_memory_utilization: float = _f(
+        0.3, "vllm: share of GPU memory for weights and KV cache (the trainer needs the rest)"
+    )
     vllm_sleep: bool = _f(False, "vllm: release its KV cache while the trainer updates")
 
 
@@ -115,29 +150,39 @@ class RolloutConfig:
 class OptimConfig:
     steps: int = _f(200, "GRPO optimizer steps")
     learning_rate: float = _f(1e-6, "peak learning rate")
-    lr_schedule: str = _f("constant", "constant, linear or cosine decay after warmup",
-                          choices=("constant", "linear", "cosine"))
+    lr_schedule: str = _f(
+        "constant",
+        "constant, linear or cosine decay after warmup",
+        choices=("constant", "linear", "cosine"),
+    )
     warmup_steps: int = _f(0, "linear warmup steps")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient clipping (0: off)")
-    micro_batch_size: int = _f(8, "completions per forward/backward; gradient accumulation "
-                                  "covers the rest")
+    micro_batch_size: int = _f(
+        8, "completions per forward/backward; gradient accumulation covers the rest"
+    )
     num_iterations: int = _f(1, "mu: optimizer steps on each batch (GRPO's inner iterations)")
 
 
 @dataclass
 class MoEConfig:
-    routing_replay: bool = _f(None, "MoE: record the experts each token used while sampling and "
-                                    "replay them in the training forwards; None: on for MoE "
-                                    "models")
+    routing_replay: bool = _f(
+        None,
+        "MoE: record the experts each token used while sampling and "
+        "replay them in the training forwards; None: on for MoE "
+        "models",
+    )
     freeze_router: bool = _f(False, "MoE: keep the router weights fixed")
 
 
 @dataclass
 class ColdStartConfig:
     sft_steps: int = _f(0, "supervised cold-start steps before GRPO")
-    sft_data: str = _f("", "JSONL with prompt and completion for the cold start (default: the "
-                           "task's worked solutions)")
+    sft_data: str = _f(
+        "",
+        "JSONL with prompt and completion for the cold start (default: the "
+        "task's worked solutions)",
+    )
     sft_learning_rate: float = _f(1e-5, "cold-start learning rate")
     sft_batch_size: int = _f(32, "cold-start examples per step")
 
@@ -159,15 +204,15 @@ class RunConfig:
 LOSS_HELP = {
     "beta": "KL coefficient (k3) to the frozen reference model",
     "use_bias_correction_kl": "multiply the per-token KL by the importance ratio "
-                              "(DeepSeek-V3.2's unbiased KL gradient; TRL's default)",
+    "(DeepSeek-V3.2's unbiased KL gradient; TRL's default)",
     "eps_low": "lower clip range of the ratio (TRL: epsilon)",
     "eps_high": "upper clip range (TRL: epsilon_high; cispo: the cap of the ratio; DAPO "
-                "suggests 0.28, ScaleRL 5.0 for cispo); None: eps_low",
+    "suggests 0.28, ScaleRL 5.0 for cispo); None: eps_low",
     "delta": "two-sided clipping: cap of the unclipped ratio (INTELLECT-2)",
     "loss_type": "grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo (as TRL)",
     "importance_level": "token, or sequence (GSPO; TRL: importance_sampling_level)",
     "entropy_coef": "entropy bonus: minus this times the micro-batch's token-mean entropy, "
-                    "whatever the loss type (as TRL)",
+    "whatever the loss type (as TRL)",
     "sapo_temperature_pos": "sapo: gate temperature for positive advantages",
     "sapo_temperature_neg": "sapo: gate temperature for the others",
     "vespo_k_pos": "vespo: power of the gamma weight, advantages >= 0",
@@ -175,19 +220,27 @@ LOSS_HELP = {
     "vespo_k_neg": "vespo: power of the gamma weight, advantages < 0",
     "vespo_lambda_neg": "vespo: decay of the gamma weight, advantages < 0",
     "top_entropy_quantile": "train only on the tokens whose entropy is in this top quantile of "
-                            "the micro-batch's (0.2 in 'Beyond the 80/20 rule'; 1: all tokens)",
+    "the micro-batch's (0.2 in 'Beyond the 80/20 rule'; 1: all tokens)",
     "off_policy_mask_threshold": "DeepSeek-V3.2's off-policy sequence mask: drop "
-                                 "negative-advantage sequences whose mean sampler-vs-policy KL "
-                                 "exceeds this (e.g. 0.5)",
+    "negative-advantage sequences whose mean sampler-vs-policy KL "
+    "exceeds this (e.g. 0.5)",
     "router_aux_loss_coef": "MoE: weight of the router's load-balancing auxiliary loss",
 }
 LOSS_CHOICES = {"loss_type": LOSS_TYPES, "importance_level": IMPORTANCE_LEVELS}
 # Set from the sampling section, never on their own: the loss must see what the sampler did.
 LOSS_FROM_SAMPLING = ("temperature", "max_completion_length")
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "sampling": SamplingConfig,
-            "rollout": RolloutConfig, "loss": GRPOLossConfig, "optim": OptimConfig,
-            "moe": MoEConfig, "cold_start": ColdStartConfig, "run": RunConfig}
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "sampling": SamplingConfig,
+    "rollout": RolloutConfig,
+    "loss": GRPOLossConfig,
+    "optim": OptimConfig,
+    "moe": MoEConfig,
+    "cold_start": ColdStartConfig,
+    "run": RunConfig,
+}
 
 
 def _flat_names() -> dict[str, tuple[str, str]]:
@@ -279,8 +332,9 @@ class GRPOConfig:
         """Fill what follows from other fields and check every value; returns self."""
         d, r = self.data, self.run
         if self.rollout.sampler_correction is None:
-            self.rollout.sampler_correction = "token_truncate" \
-                if self.rollout.engine == "vllm" else "none"
+            self.rollout.sampler_correction = (
+                "token_truncate" if self.rollout.engine == "vllm" else "none"
+            )
         if not r.run_name:
             model = Path(self.model.path).name if self.model.path else "tiny"
             source = Path(d.data).stem if d.data else d.task
@@ -288,44 +342,62 @@ class GRPOConfig:
         if not r.output_dir:
             r.output_dir = str(Path("runs") / r.run_name)
         # The loss sees the sampler's temperature and length (and validates itself).
-        self.loss = dataclasses.replace(self.loss, temperature=self.sampling.temperature,
-                                        max_completion_length=self.sampling.max_completion_length)
+        self.loss = dataclasses.replace(
+            self.loss,
+            temperature=self.sampling.temperature,
+            max_completion_length=self.sampling.max_completion_length,
+        )
         self.validate()
         return self
 
     def validate(self) -> None:
         s, o, d = self.sampling, self.optim, self.data
         checks = [
-            (s.num_generations >= 2, f"num_generations (G) must be >= 2, got "
-                                     f"{s.num_generations}: GRPO compares answers within a group"),
+            (
+                s.num_generations >= 2,
+                f"num_generations (G) must be >= 2, got "
+                f"{s.num_generations}: GRPO compares answers within a group",
+            ),
             (s.prompts_per_step >= 1, "prompts_per_step must be >= 1"),
-            (s.max_completion_length >= 1, f"max_completion_length must be >= 1, got "
-                                           f"{s.max_completion_length}"),
+            (
+                s.max_completion_length >= 1,
+                f"max_completion_length must be >= 1, got {s.max_completion_length}",
+            ),
             (d.max_prompt_length >= 1, "max_prompt_length must be >= 1"),
             (o.num_iterations >= 1, "num_iterations must be >= 1"),
             (o.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
             (s.temperature > 0, "temperature must be > 0"),
             (0 < s.top_p <= 1, "top_p must be in (0, 1]"),
-            (not (self.rollout.compile_generation
-                  and self.rollout.generation_cache == "dynamic"),
-             "compile_generation needs generation_cache=static"),
+            (
+                not (
+                    self.rollout.compile_generation and self.rollout.generation_cache == "dynamic"
+                ),
+                "compile_generation needs generation_cache=static",
+            ),
             (o.steps >= 0 and self.cold_start.sft_steps >= 0, "steps and sft_steps must be >= 0"),
             (d.eval_size >= 1, "eval_size must be >= 1"),
             (self.rollout.sampler_correction_cap > 0, "sampler_correction_cap must be > 0"),
-            (0 < self.rollout.vllm_gpu_memory_utilization < 1,
-             "vllm_gpu_memory_utilization must be in (0, 1)"),
-            (not d.reward_weights or not d.rewards or len(d.reward_weights) == len(d.rewards),
-             f"reward_weights has {len(d.reward_weights)} values for {len(d.rewards)} reward "
-             f"functions"),
-            (not (self.run.resume and self.run.overwrite),
-             "--resume and --overwrite exclude each other"),
+            (
+                0 < self.rollout.vllm_gpu_memory_utilization < 1,
+                "vllm_gpu_memory_utilization must be in (0, 1)",
+            ),
+            (
+                not d.reward_weights or not d.rewards or len(d.reward_weights) == len(d.rewards),
+                f"reward_weights has {len(d.reward_weights)} values for {len(d.rewards)} reward "
+                f"functions",
+            ),
+            (
+                not (self.run.resume and self.run.overwrite),
+                "--resume and --overwrite exclude each other",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
         if self.model.path and not (Path(self.model.path) / "config.json").is_file():
-            raise ValueError(f"model path {self.model.path!r} is not a directory with a "
-                             f"config.json")
+            raise ValueError(
+                f"model path {self.model.path!r} is not a directory with a config.json"
+            )
         if d.data and not Path(d.data).is_file():
             raise ValueError(f"dataset {d.data!r} does not exist")
 
@@ -334,6 +406,7 @@ class GRPOConfig:
 
 
 # --- CLI and files --------------------------------------------------------------------
+
 
 def _field(name: str) -> dataclasses.Field:
     section, attr = FLAT[name]
@@ -350,9 +423,12 @@ def _field_type(name: str) -> type:
 
 def build_parser(prog: str = "grpo-train") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog, description="GRPO training (DeepSeek-R1-Zero recipe). With no arguments: "
+        prog=prog,
+        description="GRPO training (DeepSeek-R1-Zero recipe). With no arguments: "
         "a tiny model learns arithmetic on the CPU in minutes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
     parser.add_argument("--config", help="YAML or JSON file of GRPOConfig fields")
     for section in SECTIONS:
         group = parser.add_argument_group(section)

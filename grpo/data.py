@@ -67,8 +67,13 @@ class TrainStream(_Stream):
     reached ``k`` left off.
     """
 
-    def __init__(self, task: Task, seed: int, exclude: set[str] | frozenset[str] = frozenset(),
-                 position: int = 0) -> None:
+    def __init__(
+        self,
+        task: Task,
+        seed: int,
+        exclude: set[str] | frozenset[str] = frozenset(),
+        position: int = 0,
+    ) -> None:
         self.task, self.seed, self.exclude = task, seed, frozenset(exclude)
         self.position = position
 
@@ -82,8 +87,10 @@ class TrainStream(_Stream):
             if ex["prompt"] in self.exclude:
                 skipped += 1
                 if skipped > _MAX_SKIPS:
-                    raise ValueError(f"task {self.task.name!r}: {_MAX_SKIPS} draws in a row are "
-                                     "held-out prompts; the eval set covers the task")
+                    raise ValueError(
+                        f"task {self.task.name!r}: {_MAX_SKIPS} draws in a row are "
+                        "held-out prompts; the eval set covers the task"
+                    )
                 continue
             skipped = 0
             batch.append(ex)
@@ -145,15 +152,17 @@ def load_jsonl(path: str | Path, *, require_answer: bool = False) -> list[dict[s
             if "prompt" not in ex:
                 raise DatasetError(f"{where}: missing 'prompt'")
             if not isinstance(ex["prompt"], str):
-                raise DatasetError(f"{where}: 'prompt' must be a string, got "
-                                   f"{type(ex['prompt']).__name__}")
+                raise DatasetError(
+                    f"{where}: 'prompt' must be a string, got {type(ex['prompt']).__name__}"
+                )
             if "answer" in ex:
                 ans = ex["answer"]
                 if isinstance(ans, (int, float)) and not isinstance(ans, bool):
                     ex["answer"] = str(ans)
                 elif not isinstance(ans, str):
-                    raise DatasetError(f"{where}: 'answer' must be a string or number, got "
-                                       f"{type(ans).__name__}")
+                    raise DatasetError(
+                        f"{where}: 'answer' must be a string or number, got {type(ans).__name__}"
+                    )
             elif require_answer:
                 raise DatasetError(f"{where}: missing 'answer'")
             examples.append(ex)
@@ -162,16 +171,18 @@ def load_jsonl(path: str | Path, *, require_answer: bool = False) -> list[dict[s
     return examples
 
 
-def split_examples(examples: list[dict[str, Any]], eval_size: int, seed: int
-                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def split_examples(
+    examples: list[dict[str, Any]], eval_size: int, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Shuffle with ``seed`` and split into ``(train, eval)``, ``eval_size`` examples held out.
 
     Training examples whose prompt is also in the eval part (duplicates in the file) are
     dropped, so nothing held out is trained on.
     """
     if not 0 <= eval_size < len(examples):
-        raise ValueError(f"eval_size must be in [0, {len(examples)}) to leave training "
-                         f"examples, got {eval_size}")
+        raise ValueError(
+            f"eval_size must be in [0, {len(examples)}) to leave training examples, got {eval_size}"
+        )
     order = list(range(len(examples)))
     random.Random(f"split:{seed}").shuffle(order)
     held = [examples[i] for i in order[:eval_size]]
@@ -246,5 +257,7 @@ def format_prompt(example: dict[str, Any], template: str, tokenizer: Any = None)
     if "{prompt}" in template:
         # replace, not format: a custom template may contain other braces (JSON, LaTeX).
         return template.replace("{prompt}", prompt)
-    raise ValueError(f"unknown template {template!r}; choose one of "
-                     f"{sorted([*TEMPLATES, 'chat'])} or a string containing '{{prompt}}'")
+    raise ValueError(
+        f"unknown template {template!r}; choose one of "
+        f"{sorted([*TEMPLATES, 'chat'])} or a string containing '{{prompt}}'"
+    )

@@ -88,19 +88,24 @@ def barrier() -> None:
 
 def _collective_device() -> torch.device:
     # NCCL only moves CUDA tensors; gloo only CPU ones.
-    return torch.device("cuda", torch.cuda.current_device()) \
-        if is_distributed() and dist.get_backend() == "nccl" else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if is_distributed() and dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
 
 
 def all_reduce(values: torch.Tensor | float, op: str = "sum") -> torch.Tensor:
     """Sum or max over ranks of a tensor (or number), returned on the tensor's device."""
-    tensor = torch.as_tensor(values, dtype=torch.float64 if not isinstance(values, torch.Tensor)
-                             else None)
+    tensor = torch.as_tensor(
+        values, dtype=torch.float64 if not isinstance(values, torch.Tensor) else None
+    )
     if not is_distributed():
         return tensor
     work = tensor.detach().to(_collective_device(), copy=True)
-    dist.all_reduce(work, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
-                              "min": dist.ReduceOp.MIN}[op])
+    dist.all_reduce(
+        work, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
+    )
     return work.to(tensor.device)
 
 
@@ -128,11 +133,12 @@ def gather_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     if not is_distributed():
         return tensor, 0
     parts = all_gather_objects(tensor.detach().cpu())
-    offset = sum(p.shape[0] for p in parts[:rank()])
+    offset = sum(p.shape[0] for p in parts[: rank()])
     return torch.cat(parts).to(tensor.device), offset
 
 
 # --- FSDP2 ------------------------------------------------------------------------------
+
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The transformer blocks of a transformers causal LM (the units FSDP shards)."""
@@ -149,8 +155,11 @@ def shard_model(model: torch.nn.Module, *, compute_dtype: torch.dtype | None) ->
     fp32); None computes in the parameters' dtype."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) \
-        if compute_dtype is not None else MixedPrecisionPolicy()
+    policy = (
+        MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        if compute_dtype is not None
+        else MixedPrecisionPolicy()
+    )
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
@@ -175,8 +184,9 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     return state if is_main() else None
 
 
-def save_full_model(model: torch.nn.Module, tokenizer: object | None, path: Path,
-                    dtype: torch.dtype | None = None) -> None:
+def save_full_model(
+    model: torch.nn.Module, tokenizer: object | None, path: Path, dtype: torch.dtype | None = None
+) -> None:
     """models.save_model for a sharded or plain model: every rank calls it, rank 0 writes.
     dtype: cast the parameters to it (fp32 master weights saved as the compute dtype)."""
     from models import save_model
@@ -185,8 +195,10 @@ def save_full_model(model: torch.nn.Module, tokenizer: object | None, path: Path
     if is_main():
         if dtype is not None:
             params = {name for name, _ in model.named_parameters()}
-            state = {k: v.to(dtype) if k in params and v.is_floating_point() else v
-                     for k, v in state.items()}
+            state = {
+                k: v.to(dtype) if k in params and v.is_floating_point() else v
+                for k, v in state.items()
+            }
         save_model(model, tokenizer, path, state_dict=state)
     barrier()
 

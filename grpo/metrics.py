@@ -72,8 +72,9 @@ class RunLogger:
             dynamic_ncols=True,
             disable=not show_progress,
         )
-        self._writer = _summary_writer(self.run_dir / TENSORBOARD_DIR, start_step) \
-            if tensorboard else None
+        self._writer = (
+            _summary_writer(self.run_dir / TENSORBOARD_DIR, start_step) if tensorboard else None
+        )
         self._closed = False
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
@@ -144,11 +145,16 @@ def plot_metrics(metrics_file: Path | str, out: Path | str, *, title: str = "") 
     rows = read_metrics(metrics_file) if Path(metrics_file).is_file() else []
     reward_keys = sorted({k for r in rows for k in r if k.startswith("reward/")})
     panels = [
-        ("reward", [("reward", "mean", "-")] + [(k, k[len("reward/"):], "-") for k in reward_keys]),
+        (
+            "reward",
+            [("reward", "mean", "-")] + [(k, k[len("reward/") :], "-") for k in reward_keys],
+        ),
         ("accuracy", [("accuracy", "train", "-"), ("eval_accuracy", "eval", "o-")]),
         ("KL to reference", [("kl", "kl", "-")]),
-        ("completion length (tokens)",
-         [("completion_length", "mean", "-"), ("completion_length_max", "max", "-")]),
+        (
+            "completion length (tokens)",
+            [("completion_length", "mean", "-"), ("completion_length_max", "max", "-")],
+        ),
     ]
     fig = Figure(figsize=(11, 7.5), layout="constrained")
     axes = fig.subplots(2, 2)
@@ -167,10 +173,10 @@ def plot_metrics(metrics_file: Path | str, out: Path | str, *, title: str = "") 
         if drawn > 1:
             ax.legend(fontsize="small")
         elif drawn == 0:
-            empty = "not logged (beta = 0: no reference model)" if name.startswith("KL") \
-                else "no data"
-            ax.text(0.5, 0.5, empty, transform=ax.transAxes, ha="center", va="center",
-                    color="gray")
+            empty = (
+                "not logged (beta = 0: no reference model)" if name.startswith("KL") else "no data"
+            )
+            ax.text(0.5, 0.5, empty, transform=ax.transAxes, ha="center", va="center", color="gray")
     if title:
         fig.suptitle(title)
     with atomic_path(out) as tmp:
@@ -254,8 +260,10 @@ def _summary_writer(log_dir: Path, start_step: int) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
-        tqdm.write(f"warning: TensorBoard logging disabled, it needs the tensorboard package "
-                   f"(pip install tensorboard): {e}")
+        tqdm.write(
+            f"warning: TensorBoard logging disabled, it needs the tensorboard package "
+            f"(pip install tensorboard): {e}"
+        )
         return None
     # purge_step hides events a killed run wrote after the checkpoint we resume from, the same
     # rule as for metrics.jsonl (steps > start_step are dropped).
@@ -264,9 +272,22 @@ def _summary_writer(log_dir: Path, start_step: int) -> Any:
 
 # --- one GRPO step's figures ---------------------------------------------------------------
 
-def step_metrics(rollout, rewards, failures: dict, frac_zero_std: float, reward_fns: list,
-                 reward_weights, loss_stats: dict, *, grad_norm: float, lr: float,
-                 seconds: float, phases: dict, beta: float) -> dict[str, float]:
+
+def step_metrics(
+    rollout,
+    rewards,
+    failures: dict,
+    frac_zero_std: float,
+    reward_fns: list,
+    reward_weights,
+    loss_stats: dict,
+    *,
+    grad_norm: float,
+    lr: float,
+    seconds: float,
+    phases: dict,
+    beta: float,
+) -> dict[str, float]:
     """The figures of one step over every rank's rows: rewards (over scorable completions,
     as TRL logs them), lengths, the loss statistics, throughput and the phases' seconds.
     rewards (N_all, R) of every rank; rollout and failures this rank's."""
@@ -278,12 +299,14 @@ def step_metrics(rollout, rewards, failures: dict, frac_zero_std: float, reward_
         for name, count in part.items():
             failed[name] = failed.get(name, 0) + count
     metrics = {
-        "reward": float(total.nanmean()), "reward_std": float(reference.nanstd(total)),
+        "reward": float(total.nanmean()),
+        "reward_std": float(reference.nanstd(total)),
         "frac_zero_std": frac_zero_std,
         "completion_length": float(lengths.mean()),
         "completion_length_max": float(lengths.max()),
         "truncated": float(truncated.mean()),
-        "grad_norm": grad_norm, "lr": lr,
+        "grad_norm": grad_norm,
+        "lr": lr,
         "tokens_per_s": float(lengths.sum()) / seconds,
         **{f"seconds_{k}": v for k, v in phases.items()},
         **loss_stats,
@@ -293,8 +316,9 @@ def step_metrics(rollout, rewards, failures: dict, frac_zero_std: float, reward_
     for j, (name, _) in enumerate(reward_fns):
         column = rewards[:, j]
         metrics[f"reward/{name}"] = float(torch.nanmean(column))
-        metrics[f"reward_std/{name}"] = float(column[~column.isnan()].std()) \
-            if (~column.isnan()).sum() > 1 else float("nan")
+        metrics[f"reward_std/{name}"] = (
+            float(column[~column.isnan()].std()) if (~column.isnan()).sum() > 1 else float("nan")
+        )
     acc = [n for n, _ in reward_fns if n in ("accuracy", "countdown")]
     metrics["accuracy"] = metrics[f"reward/{acc[0]}"] if acc else float("nan")
     for name, count in failed.items():
@@ -316,8 +340,9 @@ def reduce_loss_stats(totals: dict, tokens: float, extremes: dict) -> dict:
     extremes, NaN left out."""
     if dist_mod.world_size() > 1:
         keys = sorted(totals)
-        summed = dist_mod.all_reduce(torch.tensor([totals[k] for k in keys] + [tokens],
-                                                  dtype=torch.float64)).tolist()
+        summed = dist_mod.all_reduce(
+            torch.tensor([totals[k] for k in keys] + [tokens], dtype=torch.float64)
+        ).tolist()
         totals, tokens = dict(zip(keys, summed[:-1], strict=True)), summed[-1]
     means = {k: (v if k == "loss" else v / max(tokens, 1.0)) for k, v in totals.items()}
     for key, values in sorted(extremes.items()):

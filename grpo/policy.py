@@ -67,7 +67,7 @@ class PolicyForward:
     def hidden(self, model, rollout: Rollout, rows: slice):
         """(last hidden states (mb, C, H), lm_head weight (V, H))."""
         inputs, n = _inputs(model, rollout, rows)
-        states = model.get_decoder()(**inputs).last_hidden_state[:, -(n + 1):-1]
+        states = model.get_decoder()(**inputs).last_hidden_state[:, -(n + 1) : -1]
         return states.to(self.device), model.get_output_embeddings().weight
 
     @torch.no_grad()
@@ -83,10 +83,12 @@ class PolicyForward:
                 if self.fused:
                     states, weight = self.hidden(model, rollout, rows)
                     logp = kernels.token_logprobs_from_hidden(
-                        states, weight.to(states.device), ids, temperature=self.temperature)
+                        states, weight.to(states.device), ids, temperature=self.temperature
+                    )
                 else:
-                    logp = self.logprobs_fn(self.logits(model, rollout, rows)[0], ids,
-                                            temperature=self.temperature)
+                    logp = self.logprobs_fn(
+                        self.logits(model, rollout, rows)[0], ids, temperature=self.temperature
+                    )
             if real:
                 parts.append(logp)
         model.train(was_training)
@@ -111,11 +113,15 @@ class PolicyForward:
         real = torch.cat([rollout.prompt_mask[rows], rollout.completion_mask[rows]], 1)
         real = real[:, :-1].bool().cpu()
         differs = (free_routing[:, real] != rollout.routing[:, rows][:, real]).any(-1)
-        logp = {name: self.logprobs_fn(logits, ids, temperature=self.temperature)[mask]
-                for name, logits in (("free", free), ("replay", replayed))}
-        return {"routing_mismatch": float(differs.float().mean()),
-                "logp_gap_no_replay": float((logp["free"] - sampler).abs().mean()),
-                "logp_gap_replay": float((logp["replay"] - sampler).abs().mean())}
+        logp = {
+            name: self.logprobs_fn(logits, ids, temperature=self.temperature)[mask]
+            for name, logits in (("free", free), ("replay", replayed))
+        }
+        return {
+            "routing_mismatch": float(differs.float().mean()),
+            "logp_gap_no_replay": float((logp["free"] - sampler).abs().mean()),
+            "logp_gap_replay": float((logp["replay"] - sampler).abs().mean()),
+        }
 
 
 def _inputs(model, rollout: Rollout, rows: slice) -> tuple[dict, int]:
@@ -124,6 +130,10 @@ def _inputs(model, rollout: Rollout, rows: slice) -> tuple[dict, int]:
     # Positions as generate() numbers them: left padding does not count.
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     dev = next(model.parameters()).device
-    inputs = dict(input_ids=input_ids.to(dev), attention_mask=attention.to(dev),
-                  position_ids=positions.to(dev), use_cache=False)
+    inputs = dict(
+        input_ids=input_ids.to(dev),
+        attention_mask=attention.to(dev),
+        position_ids=positions.to(dev),
+        use_cache=False,
+    )
     return inputs, rollout.completion_ids.shape[1]

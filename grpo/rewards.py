@@ -66,7 +66,7 @@ def extract_answer(text: str) -> str | None:
     start = text.rfind("<answer>", 0, end)
     if start < 0:
         return None
-    return text[start + len("<answer>"):end].strip()
+    return text[start + len("<answer>") : end].strip()
 
 
 _THOUSANDS = re.compile(r"-?\d{1,3}(,\d{3})+(\.\d*)?")
@@ -197,15 +197,20 @@ def _is_latin(c: str) -> bool:
     # ASCII letters, Latin-1 letters (without the multiplication and division signs),
     # Latin Extended-A/B and Latin Extended Additional (Vietnamese and friends).
     return (
-        ("a" <= c <= "z") or ("A" <= c <= "Z")
+        ("a" <= c <= "z")
+        or ("A" <= c <= "Z")
         or (0xC0 <= o <= 0x24F and o not in (0xD7, 0xF7))
         or (0x1E00 <= o <= 0x1EFF)
     )
 
 
 _CJK_RANGES = (
-    (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2A6DF),
-    (0x2A700, 0x2EBEF), (0x30000, 0x3134F),
+    (0x3400, 0x4DBF),
+    (0x4E00, 0x9FFF),
+    (0xF900, 0xFAFF),
+    (0x20000, 0x2A6DF),
+    (0x2A700, 0x2EBEF),
+    (0x30000, 0x3134F),
 )
 
 
@@ -252,9 +257,12 @@ def _per_sample(value: Any, i: int) -> Any:
 
 
 def overlong_reward(
-    completions: list[str], completion_lengths: Sequence[int],
-    max_completion_length: int | Sequence[int], overlong_buffer: int | None = None,
-    truncated: Sequence[bool] | None = None, **kwargs: Any,
+    completions: list[str],
+    completion_lengths: Sequence[int],
+    max_completion_length: int | Sequence[int],
+    overlong_buffer: int | None = None,
+    truncated: Sequence[bool] | None = None,
+    **kwargs: Any,
 ) -> list[float]:
     """DAPO's soft overlong punishment, in [-1, 0].
 
@@ -322,8 +330,9 @@ def resolve_reward(spec: str) -> tuple[str, RewardFn]:
 
 def _row(columns: dict[str, Any], i: int, n: int) -> dict[str, Any]:
     """Columns for completion i alone: aligned lists are sliced, scalars passed through."""
-    return {k: [v[i]] if isinstance(v, (list, tuple)) and len(v) == n else v
-            for k, v in columns.items()}
+    return {
+        k: [v[i]] if isinstance(v, (list, tuple)) and len(v) == n else v for k, v in columns.items()
+    }
 
 
 def _preview(text: str) -> str:
@@ -362,8 +371,11 @@ def _check(name: str, values: Any, completions: list[str], offset: int = 0) -> l
 
 
 def score(
-    reward_fns: list[tuple[str, RewardFn]], completions: list[str], columns: dict[str, Any],
-    *, on_error: str = "raise",
+    reward_fns: list[tuple[str, RewardFn]],
+    completions: list[str],
+    columns: dict[str, Any],
+    *,
+    on_error: str = "raise",
 ) -> tuple[torch.Tensor, dict[str, int]]:
     """Run every reward function on the batch.
 

@@ -33,13 +33,15 @@ def sft_loss(model, tokenizer, pairs: Sequence[tuple[str, str]]) -> torch.Tensor
     labels = torch.full((len(encoded), width), -100, dtype=torch.long)
     mask = torch.zeros((len(encoded), width), dtype=torch.long)
     for i, (row, n_prompt) in enumerate(encoded):
-        ids[i, :len(row)] = torch.tensor(row)
-        labels[i, n_prompt:len(row)] = torch.tensor(row[n_prompt:])
-        mask[i, :len(row)] = 1
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                   use_cache=False).logits[:, :-1]  # (B, L-1, V)
-    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
-                                             labels[:, 1:].flatten().to(device))
+        ids[i, : len(row)] = torch.tensor(row)
+        labels[i, n_prompt : len(row)] = torch.tensor(row[n_prompt:])
+        mask[i, : len(row)] = 1
+    logits = model(
+        input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
+    ).logits[:, :-1]  # (B, L-1, V)
+    return torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), labels[:, 1:].flatten().to(device)
+    )
 
 
 def pack(lengths: Sequence[int], max_length: int) -> list[list[int]]:
@@ -68,8 +70,9 @@ def _block_causal_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tens
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
-def sft_loss_packed(model, tokenizer, pairs: Sequence[tuple[str, str]],
-                    max_length: int) -> torch.Tensor:
+def sft_loss_packed(
+    model, tokenizer, pairs: Sequence[tuple[str, str]], max_length: int
+) -> torch.Tensor:
     """sft_loss with the pairs packed into rows of up to max_length tokens. Each example keeps
     its own positions (from 0) and attention block, so the value equals sft_loss's."""
     encoded = [_encode(tokenizer, p, c) for p, c in pairs]
@@ -89,7 +92,7 @@ def sft_loss_packed(model, tokenizer, pairs: Sequence[tuple[str, str]],
             # The shift below scores position t's logits against token t+1; an example's
             # first token would be scored against the previous example's last logits, so it
             # gets no label (unpacked, nothing predicts position 0 either).
-            labels[r, start + n_prompt:end] = torch.tensor(tokens[n_prompt:])
+            labels[r, start + n_prompt : end] = torch.tensor(tokens[n_prompt:])
             labels[r, start] = -100
             positions[r, start:end] = torch.arange(len(tokens))
             segments[r, start:end] = i
@@ -100,13 +103,24 @@ def sft_loss_packed(model, tokenizer, pairs: Sequence[tuple[str, str]],
         inputs["attention_mask"] = _block_causal_mask(segments, dtype).to(device)
     # else flash-attention: transformers reads the example boundaries from the position ids.
     logits = model(**inputs).logits[:, :-1]  # (rows, L-1, V)
-    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
-                                             labels[:, 1:].flatten().to(device))
+    return torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), labels[:, 1:].flatten().to(device)
+    )
 
 
-def run_sft(model, tokenizer, pairs: Sequence[tuple[str, str]], *, steps: int, lr: float,
-            batch_size: int, seed: int = 0, warmup: int = 10,
-            show_progress: bool = True, packing: int | None = None) -> float:
+def run_sft(
+    model,
+    tokenizer,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int = 0,
+    warmup: int = 10,
+    show_progress: bool = True,
+    packing: int | None = None,
+) -> float:
     """Train in place for `steps` AdamW steps (cosine decay after warmup) on batches drawn
     from pairs in shuffled epochs. Returns the final batch loss. packing=N packs each batch
     into rows of up to N tokens (same examples per step, same loss, less padding)."""
@@ -122,8 +136,9 @@ def run_sft(model, tokenizer, pairs: Sequence[tuple[str, str]], *, steps: int, l
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return 0.5 * (1 + torch.cos(torch.tensor(torch.pi * (step - warmup) /
-                                                 max(total - warmup, 1))).item())
+        return 0.5 * (
+            1 + torch.cos(torch.tensor(torch.pi * (step - warmup) / max(total - warmup, 1))).item()
+        )
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     model.train()
@@ -136,8 +151,11 @@ def run_sft(model, tokenizer, pairs: Sequence[tuple[str, str]], *, steps: int, l
                 order = list(range(len(pairs)))
                 rng.shuffle(order)
             batch.append(pairs[order.pop()])
-        loss = sft_loss(model, tokenizer, batch) if packing is None else \
-            sft_loss_packed(model, tokenizer, batch, packing)
+        loss = (
+            sft_loss(model, tokenizer, batch)
+            if packing is None
+            else sft_loss_packed(model, tokenizer, batch, packing)
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -146,4 +164,3 @@ def run_sft(model, tokenizer, pairs: Sequence[tuple[str, str]], *, steps: int, l
         loss_value = loss.item()
         bar.set_postfix(loss=f"{loss_value:.3f}")
     return loss_value
-
