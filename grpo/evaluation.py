@@ -50,6 +50,7 @@ __all__ = [
 
 # --- metrics of k samples -------------------------------------------------------------------
 
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased estimate of pass@k from n samples of which c are correct (Chen et al., 2021):
     1 - C(n-c, k) / C(n, k), the chance that k samples drawn without replacement from the n
@@ -96,6 +97,7 @@ def cons_at_k(texts: Sequence[str], correct: Sequence[bool]) -> bool:
 
 # --- models, templates, prompts -------------------------------------------------------------
 
+
 def is_char_tokenizer(tokenizer) -> bool:
     """True for a character-level vocabulary (every regular token one character), such as
     models.tiny's: such models get the demo's template and completion length (config.DEMO),
@@ -136,8 +138,9 @@ def load_model_for_eval(path: str):
     return model, tokenizer, device
 
 
-def reward_functions(task: tasks_mod.Task | None, extra: Sequence[str] = ()
-                     ) -> list[tuple[str, Any]]:
+def reward_functions(
+    task: tasks_mod.Task | None, extra: Sequence[str] = ()
+) -> list[tuple[str, Any]]:
     """The rewards a GRPO run on this task uses by default (accuracy and format; countdown and
     format for Countdown), then the extra specs. The first one decides correctness."""
     names = list(task.rewards if task is not None else ("accuracy", "format"))
@@ -145,9 +148,17 @@ def reward_functions(task: tasks_mod.Task | None, extra: Sequence[str] = ()
     return [rewards_mod.resolve_reward(name) for name in names]
 
 
-def prompt_examples(*, task: str, task_args: dict, data: str, seed: int, eval_size: int,
-                    split: str, num_prompts: int | None, needs_answer: bool
-                    ) -> tuple[tasks_mod.Task | None, list[dict]]:
+def prompt_examples(
+    *,
+    task: str,
+    task_args: dict,
+    data: str,
+    seed: int,
+    eval_size: int,
+    split: str,
+    num_prompts: int | None,
+    needs_answer: bool,
+) -> tuple[tasks_mod.Task | None, list[dict]]:
     """(task or None, examples) to sample from.
 
     Built-in tasks: split="eval" gives the held-out prompts grpo-train evaluates on (same
@@ -161,8 +172,11 @@ def prompt_examples(*, task: str, task_args: dict, data: str, seed: int, eval_si
         try:
             examples = data_mod.load_jsonl(data, require_answer=needs_answer)
         except data_mod.DatasetError as e:
-            hint = " (the accuracy reward needs an 'answer' per example)" \
-                if needs_answer and "missing 'answer'" in str(e) else ""
+            hint = (
+                " (the accuracy reward needs an 'answer' per example)"
+                if needs_answer and "missing 'answer'" in str(e)
+                else ""
+            )
             raise data_mod.DatasetError(f"{e}{hint}") from e
         return None, examples[:num_prompts] if num_prompts else examples
     task_obj = tasks_mod.make_task(task, **task_args)
@@ -176,13 +190,22 @@ def prompt_examples(*, task: str, task_args: dict, data: str, seed: int, eval_si
 
 # --- sampling and scoring -------------------------------------------------------------------
 
-def reward_columns(examples: Sequence[dict], group_size: int, completion_lengths: list[int],
-                   truncated: list[bool], max_completion_length: int) -> dict[str, Any]:
+
+def reward_columns(
+    examples: Sequence[dict],
+    group_size: int,
+    completion_lengths: list[int],
+    truncated: list[bool],
+    max_completion_length: int,
+) -> dict[str, Any]:
     """The keyword columns reward functions get for group_size completions per example, in
     the trainer's layout: example columns repeated per completion (the raw question as
     "prompts"), completion lengths, truncation flags and max_completion_length."""
-    columns = {key: [ex.get(key) for ex in examples for _ in range(group_size)]
-               for key in examples[0] if key != "prompt"}
+    columns = {
+        key: [ex.get(key) for ex in examples for _ in range(group_size)]
+        for key in examples[0]
+        if key != "prompt"
+    }
     columns["prompts"] = [ex["prompt"] for ex in examples for _ in range(group_size)]
     columns["completion_lengths"] = completion_lengths
     columns["truncated"] = truncated
@@ -210,27 +233,59 @@ class Samples:
         return self.rewards[:, :, 0] == 1.0
 
 
-def build_engine(model, tokenizer, rollout: str, *, temperature: float, top_p: float,
-                 max_prompt_length: int, max_completion_length: int, model_path: str = "",
-                 seed: int = 0):
+def build_engine(
+    model,
+    tokenizer,
+    rollout: str,
+    *,
+    temperature: float,
+    top_p: float,
+    max_prompt_length: int,
+    max_completion_length: int,
+    model_path: str = "",
+    seed: int = 0,
+):
     """The rollout engine eval and sample draw from: transformers' generate, or vLLM (one
     engine for all calls: it holds its own weights and KV cache)."""
-    sampling = SamplingParams(max_prompt_length=max_prompt_length,
-                              max_completion_length=max_completion_length,
-                              temperature=temperature, top_p=top_p)
+    sampling = SamplingParams(
+        max_prompt_length=max_prompt_length,
+        max_completion_length=max_completion_length,
+        temperature=temperature,
+        top_p=top_p,
+    )
     if rollout != "vllm":
         return make_engine(rollout, model, tokenizer, sampling)
-    engine = make_engine(rollout, model, tokenizer, sampling, model_path=model_path, seed=seed,
-                         gpu_memory_utilization=0.7)
+    engine = make_engine(
+        rollout,
+        model,
+        tokenizer,
+        sampling,
+        model_path=model_path,
+        seed=seed,
+        gpu_memory_utilization=0.7,
+    )
     engine.mark_weights_current()  # model was loaded from model_path: nothing to push
     return engine
 
 
-def sample_and_score(model, tokenizer, examples: list[dict], reward_fns: list, *,
-                     template: str, samples: int, temperature: float, top_p: float,
-                     max_completion_length: int, max_prompt_length: int = 512,
-                     batch_size: int = 256, greedy: bool = False, progress: bool = True,
-                     desc: str = "sampling", engine=None) -> Samples:
+def sample_and_score(
+    model,
+    tokenizer,
+    examples: list[dict],
+    reward_fns: list,
+    *,
+    template: str,
+    samples: int,
+    temperature: float,
+    top_p: float,
+    max_completion_length: int,
+    max_prompt_length: int = 512,
+    batch_size: int = 256,
+    greedy: bool = False,
+    progress: bool = True,
+    desc: str = "sampling",
+    engine=None,
+) -> Samples:
     """`samples` completions per example (one when greedy), generated in batches of about
     batch_size sequences, scored with reward_fns as a GRPO step scores them. engine: a rollout
     engine (build_engine) to sample with; default a TransformersEngine with these settings."""
@@ -240,16 +295,55 @@ def sample_and_score(model, tokenizer, examples: list[dict], reward_fns: list, *
         raise ValueError("no prompts to sample from")
     k = 1 if greedy else samples
     if engine is None:
-        engine = build_engine(model, tokenizer, "transformers", temperature=temperature,
-                              top_p=top_p, max_prompt_length=max_prompt_length,
-                              max_completion_length=max_completion_length)
+        engine = build_engine(
+            model,
+            tokenizer,
+            "transformers",
+            temperature=temperature,
+            top_p=top_p,
+            max_prompt_length=max_prompt_length,
+            max_completion_length=max_completion_length,
+        )
+    texts, lengths, truncated = _generate_in_batches(
+        engine,
+        tokenizer,
+        examples,
+        template,
+        k,
+        greedy=greedy,
+        batch_size=batch_size,
+        progress=progress,
+        desc=desc,
+    )
+    return _score_samples(examples, texts, lengths, truncated, reward_fns, k, max_completion_length)
+
+
+def _generate_in_batches(
+    engine,
+    tokenizer,
+    examples: list[dict],
+    template: str,
+    k: int,
+    *,
+    greedy: bool,
+    batch_size: int,
+    progress: bool,
+    desc: str,
+) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """(texts, lengths, truncated) of k completions per example, in sampling order, drawn
+    from the engine in chunks of about batch_size sequences under a progress bar."""
     per_batch = max(1, batch_size // k)
     texts: list[str] = []
     lengths, truncated = [], []
-    bar = tqdm(total=len(examples) * k, desc=desc, unit="completion", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=len(examples) * k,
+        desc=desc,
+        unit="completion",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     for start in range(0, len(examples), per_batch):
-        chunk = examples[start:start + per_batch]
+        chunk = examples[start : start + per_batch]
         prompts = [data_mod.format_prompt(ex, template, tokenizer) for ex in chunk]
         rollout = engine.generate(prompts, k, greedy=greedy)
         texts += rollout.texts
@@ -257,17 +351,37 @@ def sample_and_score(model, tokenizer, examples: list[dict], reward_fns: list, *
         truncated.append(rollout.truncated.cpu())
         bar.update(len(rollout))
     bar.close()
-    lengths_t, truncated_t = torch.cat(lengths), torch.cat(truncated)
-    columns = reward_columns(examples, k, lengths_t.tolist(), truncated_t.tolist(),
-                             max_completion_length)
+    return texts, torch.cat(lengths), torch.cat(truncated)
+
+
+def _score_samples(
+    examples: list[dict],
+    texts: list[str],
+    lengths: torch.Tensor,
+    truncated: torch.Tensor,
+    reward_fns: list,
+    k: int,
+    max_completion_length: int,
+) -> Samples:
+    """Score k completions per example with reward_fns, as a GRPO step scores them, and
+    group them per prompt."""
+    columns = reward_columns(
+        examples, k, lengths.tolist(), truncated.tolist(), max_completion_length
+    )
     rewards, _ = rewards_mod.score(reward_fns, texts, columns)
     p = len(examples)
-    return Samples(examples, [texts[i * k:(i + 1) * k] for i in range(p)],
-                   lengths_t.view(p, k), truncated_t.view(p, k),
-                   rewards.view(p, k, -1), [name for name, _ in reward_fns])
+    return Samples(
+        examples,
+        [texts[i * k : (i + 1) * k] for i in range(p)],
+        lengths.view(p, k),
+        truncated.view(p, k),
+        rewards.view(p, k, -1),
+        [name for name, _ in reward_fns],
+    )
 
 
 # --- what is made of the samples: the evaluation report, SFT data ---------------------------
+
 
 def default_pass_ks(samples: int) -> list[int]:
     """The j values of pass@j grpo-eval reports by default: 1, 2, 4, ... below k, and k."""
@@ -285,13 +399,17 @@ def summarize(result: Samples, pass_ks: list[int]) -> dict:
     correct = result.correct
     k = correct.shape[1]
     counts = correct.sum(1).tolist()
-    metrics = {"prompts": len(counts), "samples": k,
-               "pass@1": float(correct.float().mean())}
+    metrics = {"prompts": len(counts), "samples": k, "pass@1": float(correct.float().mean())}
     for j in pass_ks:
         metrics[f"pass@{j}"] = float(np.mean([pass_at_k(k, c, j) for c in counts]))
-    metrics[f"cons@{k}"] = float(np.mean([cons_at_k(texts, row.tolist())
-                                          for texts, row in zip(result.texts, correct,
-                                                                strict=True)]))
+    metrics[f"cons@{k}"] = float(
+        np.mean(
+            [
+                cons_at_k(texts, row.tolist())
+                for texts, row in zip(result.texts, correct, strict=True)
+            ]
+        )
+    )
     if "format" in result.reward_names:
         metrics["format"] = float(result.reward("format").mean())
     for r, name in enumerate(result.reward_names):
@@ -306,13 +424,24 @@ def per_prompt(result: Samples) -> list[dict]:
     answers the accuracy reward read from them."""
     rows = []
     for ex, texts, row in zip(result.examples, result.texts, result.correct, strict=True):
-        rows.append({**ex, "correct": int(row.sum()), "completions": texts,
-                     "answers": [rewards_mod.answer_key(t) for t in texts]})
+        rows.append(
+            {
+                **ex,
+                "correct": int(row.sum()),
+                "completions": texts,
+                "answers": [rewards_mod.answer_key(t) for t in texts],
+            }
+        )
     return rows
 
 
-def rejection_filter(result: Samples, *, keep: str = "correct", max_per_prompt: int | None = None,
-                     min_language: float | None = None) -> tuple[list[dict], dict]:
+def rejection_filter(
+    result: Samples,
+    *,
+    keep: str = "correct",
+    max_per_prompt: int | None = None,
+    min_language: float | None = None,
+) -> tuple[list[dict], dict]:
     """(rows, stats): the kept completions as example rows with a "completion" column, and
     how many were sampled, kept and rejected, per reward ("rejected"; a completion failing two
     rewards counts under both), as duplicates and over max_per_prompt.
@@ -326,6 +455,36 @@ def rejection_filter(result: Samples, *, keep: str = "correct", max_per_prompt: 
         raise ValueError(f"--max-per-prompt must be >= 1, got {max_per_prompt}")
     if min_language is not None and "language" not in result.reward_names:
         raise ValueError("a language-consistency threshold needs the 'language' reward scored")
+    checks = _rejection_checks(result, keep, min_language)
+    passed = torch.ones_like(result.correct)
+    for ok in checks.values():
+        passed &= ok
+    rows, duplicates, over_cap = _dedupe_and_cap(result, passed, max_per_prompt)
+    stats = {
+        "prompts": len(result.examples),
+        "sampled": result.correct.numel(),
+        "kept": len(rows),
+        "prompts_kept": len({r["prompt"] for r in rows}),
+        "rejected": {name: int((~ok).sum()) for name, ok in checks.items()},
+        "duplicates": duplicates,
+        "over_max_per_prompt": over_cap,
+    }
+    if not rows:
+        reasons = ", ".join(f"{n} by {name}" for name, n in stats["rejected"].items())
+        raise ValueError(
+            f"no completion kept: {stats['sampled']} sampled, rejected {reasons}; "
+            f"{duplicates} duplicates. Sample more (--samples, --num-prompts), at "
+            f"a different --temperature, or relax the filter"
+        )
+    return rows, stats
+
+
+def _rejection_checks(
+    result: Samples, keep: str, min_language: float | None
+) -> dict[str, torch.Tensor]:
+    """The (P, k) bool pass masks a completion must all meet to be kept, by reward name:
+    none for keep="all"; for keep="correct" the first reward at 1.0, "format" at 1.0 when
+    scored, and "language" >= min_language when given."""
     checks: dict[str, torch.Tensor] = {}
     if keep == "correct":
         checks[result.reward_names[0]] = result.correct
@@ -333,9 +492,15 @@ def rejection_filter(result: Samples, *, keep: str = "correct", max_per_prompt: 
             checks["format"] = result.reward("format") == 1.0
         if min_language is not None:
             checks["language"] = result.reward("language") >= min_language
-    passed = torch.ones_like(result.correct)
-    for ok in checks.values():
-        passed &= ok
+    return checks
+
+
+def _dedupe_and_cap(
+    result: Samples, passed: torch.Tensor, max_per_prompt: int | None
+) -> tuple[list[dict], int, int]:
+    """(rows, duplicates, over_cap): each prompt's passed completions as example rows with a
+    "completion" column, in sampling order, without repeats of a text within a prompt and at
+    most max_per_prompt per prompt; and how many were dropped as duplicates and over the cap."""
     rows: list[dict] = []
     duplicates = over_cap = 0
     for i, example in enumerate(result.examples):
@@ -351,21 +516,13 @@ def rejection_filter(result: Samples, *, keep: str = "correct", max_per_prompt: 
                 over_cap += 1
                 continue
             rows.append({**example, "completion": text})
-    stats = {"prompts": len(result.examples), "sampled": result.correct.numel(),
-             "kept": len(rows), "prompts_kept": len({r["prompt"] for r in rows}),
-             "rejected": {name: int((~ok).sum()) for name, ok in checks.items()},
-             "duplicates": duplicates, "over_max_per_prompt": over_cap}
-    if not rows:
-        reasons = ", ".join(f"{n} by {name}" for name, n in stats["rejected"].items())
-        raise ValueError(f"no completion kept: {stats['sampled']} sampled, rejected {reasons}; "
-                         f"{duplicates} duplicates. Sample more (--samples, --num-prompts), at "
-                         f"a different --temperature, or relax the filter")
-    return rows, stats
+    return rows, duplicates, over_cap
 
 
 @torch.no_grad()
-def greedy_accuracy(engine, examples: list[dict], prompt, check, *, batch_size: int = 256
-                    ) -> dict[str, float]:
+def greedy_accuracy(
+    engine, examples: list[dict], prompt, check, *, batch_size: int = 256
+) -> dict[str, float]:
     """grpo-train's held-out figures: greedy accuracy (by `check`, the task's first reward)
     and format rate. Under torchrun each rank answers every world-th prompt, in equally many
     batches (a rank with none repeats a prompt, since FSDP needs every rank in every forward),
@@ -377,13 +534,14 @@ def greedy_accuracy(engine, examples: list[dict], prompt, check, *, batch_size: 
     batches = -(-len(examples[::world]) // batch_size)
     correct, formatted = [], []
     for i in range(0, batches * batch_size, batch_size):
-        chunk = mine[i:i + batch_size] or examples[:1]
+        chunk = mine[i : i + batch_size] or examples[:1]
         rollout = engine.generate([prompt(ex) for ex in chunk], 1, greedy=True)
-        if not mine[i:i + batch_size]:
+        if not mine[i : i + batch_size]:
             continue
         columns = {key: [ex.get(key) for ex in chunk] for key in chunk[0]}
         correct += check(rollout.texts, **columns)
         formatted += rewards_mod.format_reward(rollout.texts)
-    sums = dist_mod.all_reduce(torch.tensor([sum(correct), sum(formatted), len(correct)],
-                                            dtype=torch.float64)).tolist()
+    sums = dist_mod.all_reduce(
+        torch.tensor([sum(correct), sum(formatted), len(correct)], dtype=torch.float64)
+    ).tolist()
     return {"accuracy": sums[0] / sums[2], "format": sums[1] / sums[2]}

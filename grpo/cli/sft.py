@@ -83,22 +83,7 @@ def run(args: argparse.Namespace) -> str:
     # The template grpo-train and grpo-eval pick for this tokenizer, so a distilled student
     # is trained on the prompts it will be evaluated on.
     template = resolve_template(args.template, tokenizer)
-    if args.data:
-        examples = data_mod.load_jsonl(args.data)
-        missing = [i for i, ex in enumerate(examples) if "completion" not in ex]
-        if missing:
-            raise ValueError(f"{args.data}: example {missing[0] + 1} has no 'completion'")
-        pairs = [
-            (data_mod.format_prompt(ex, template, tokenizer), ex["completion"]) for ex in examples
-        ]
-    else:
-        task = tasks_mod.make_task(args.task, **args.task_args)
-        # Never the prompts grpo-train and grpo-eval hold out, so evaluation stays clean.
-        _, stream = data_mod.task_splits(task, args.seed, args.eval_size)
-        pairs = [
-            (data_mod.format_prompt(ex, template, tokenizer), task.solution(ex))
-            for ex in stream.next_batch(args.steps * args.batch_size)
-        ]
+    pairs = _training_pairs(args, template, tokenizer)
     # grpo-train's cold-start learning rates: the demo's, else --sft-learning-rate's default.
     lr = args.lr or (DEMO["sft_learning_rate"] if demo else 1e-5)
     start = time.perf_counter()
@@ -117,6 +102,27 @@ def run(args: argparse.Namespace) -> str:
         f"final loss {loss:.4f} after {args.steps} steps on {len(pairs)} examples "
         f"({time.perf_counter() - start:.0f} s); model saved to {out}"
     )
+
+
+def _training_pairs(args: argparse.Namespace, template: str, tokenizer) -> list[tuple[str, str]]:
+    """The (formatted prompt, completion) pairs to train on: --data's rows, each of which needs
+    a "completion", else steps x batch-size examples of the task's training stream with the
+    task's worked solutions."""
+    if args.data:
+        examples = data_mod.load_jsonl(args.data)
+        missing = [i for i, ex in enumerate(examples) if "completion" not in ex]
+        if missing:
+            raise ValueError(f"{args.data}: example {missing[0] + 1} has no 'completion'")
+        return [
+            (data_mod.format_prompt(ex, template, tokenizer), ex["completion"]) for ex in examples
+        ]
+    task = tasks_mod.make_task(args.task, **args.task_args)
+    # Never the prompts grpo-train and grpo-eval hold out, so evaluation stays clean.
+    _, stream = data_mod.task_splits(task, args.seed, args.eval_size)
+    return [
+        (data_mod.format_prompt(ex, template, tokenizer), task.solution(ex))
+        for ex in stream.next_batch(args.steps * args.batch_size)
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

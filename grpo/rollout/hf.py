@@ -152,6 +152,16 @@ class TransformersEngine:
         ids = ids.repeat_interleave(num_generations, 0)  # (N, P)
         mask = mask.repeat_interleave(num_generations, 0)
         recorder = _SampledLogp()
+        completion_ids = self._decode(ids, mask, recorder, greedy)[:, ids.shape[1] :]  # (N, C)
+        return self._rollout(ids, mask, completion_ids, recorder, greedy)
+
+    def _decode(
+        self, ids: torch.Tensor, mask: torch.Tensor, recorder: _SampledLogp, greedy: bool
+    ) -> torch.Tensor:
+        """model.generate on the (N, P) prompt rows, in eval mode (the mode it had is restored)
+        with the recorder reading each sampled token's log-prob and routing recorded when a
+        replay is set; returns the (N, P + C) prompt and completion ids."""
+        sampling = self.sampling
         processors = [] if greedy else [TemperatureLogitsWarper(sampling.temperature)]
         if not greedy and sampling.top_p < 1.0:
             processors.append(TopPLogitsWarper(sampling.top_p))
@@ -164,7 +174,7 @@ class TransformersEngine:
         )
         try:
             with recording, _gathered(self.model):
-                out = self.model.generate(
+                return self.model.generate(
                     input_ids=ids,
                     attention_mask=mask,
                     do_sample=not greedy,
@@ -182,7 +192,17 @@ class TransformersEngine:
                 )
         finally:
             self.model.train(was_training)
-        completion_ids = out[:, ids.shape[1] :]  # (N, C)
+
+    def _rollout(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        completion_ids: torch.Tensor,
+        recorder: _SampledLogp,
+        greedy: bool,
+    ) -> Rollout:
+        """The Rollout of the (N, C) completion ids generated after the prompt rows: their mask
+        (up to the first EOS), truncation flags, sampled log-probs, texts and routing."""
         recorder.take(completion_ids[:, -1])
         c_mask, truncated = completion_mask(completion_ids, self.tokenizer.eos_token_id)
         sampler_logp = (

@@ -139,23 +139,9 @@ class VLLMEngine:
         ids, mask = tokenize_prompts(
             self.tokenizer, prompts, sampling.max_prompt_length, sampling.prompt_overflow, device
         )
-        if self.asleep:
-            self.llm.wake_up()
-            self.asleep = False
-        if self._stale:
-            self._push_weights()
+        self._wake_with_current_weights()
         g = 1 if greedy else num_generations
-        eos = self.tokenizer.eos_token_id
-        params = self.vllm.SamplingParams(
-            n=g,
-            temperature=0.0 if greedy else sampling.temperature,
-            top_p=1.0 if greedy else sampling.top_p,
-            max_tokens=sampling.max_completion_length,
-            logprobs=0,
-            stop_token_ids=[] if sampling.ignore_eos else [eos],
-            ignore_eos=sampling.ignore_eos,
-            detokenize=False,
-        )
+        params = self._sampling_params(g, greedy)
         requests = [
             {"prompt_token_ids": row[m.bool()].tolist()} for row, m in zip(ids, mask, strict=True)
         ]
@@ -163,25 +149,7 @@ class VLLMEngine:
         if self.sleep:
             self.llm.sleep(level=1)  # free the KV cache for the update
             self.asleep = True
-        completions, logps = [], []
-        for request in outputs:
-            if len(request.outputs) != g:
-                raise RuntimeError(f"vllm returned {len(request.outputs)} completions, not {g}")
-            for out in sorted(request.outputs, key=lambda o: o.index):
-                tokens = list(out.token_ids)
-                steps = out.logprobs or [None] * len(tokens)
-                logp = [
-                    _sampled_logprob(step, tok) for step, tok in zip(steps, tokens, strict=True)
-                ]
-                if (
-                    out.finish_reason == "stop"
-                    and (not tokens or tokens[-1] != eos)
-                    and len(tokens) < sampling.max_completion_length
-                ):
-                    tokens.append(eos)  # stopped on EOS without returning it
-                    logp.append(float("nan"))  # unknown: the correction treats it as 1
-                completions.append(tokens)
-                logps.append(logp)
+        completions, logps = self._completions(outputs, g)
         return rollout_from_tokens(
             self.tokenizer,
             ids.repeat_interleave(g, 0),
@@ -190,6 +158,60 @@ class VLLMEngine:
             logps,
             max_completion_length=sampling.max_completion_length,
         )
+
+    def _wake_with_current_weights(self) -> None:
+        """Before a generation: wake vLLM if it sleeps, and push the policy's weights if they
+        changed since the last push."""
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+        if self._stale:
+            self._push_weights()
+
+    def _sampling_params(self, g: int, greedy: bool):
+        """vLLM's SamplingParams for g completions per prompt: ours (temperature, top_p), or
+        argmax when greedy; token ids out (no detokenizing) with the sampled token's log-prob."""
+        sampling = self.sampling
+        return self.vllm.SamplingParams(
+            n=g,
+            temperature=0.0 if greedy else sampling.temperature,
+            top_p=1.0 if greedy else sampling.top_p,
+            max_tokens=sampling.max_completion_length,
+            logprobs=0,
+            stop_token_ids=[] if sampling.ignore_eos else [self.tokenizer.eos_token_id],
+            ignore_eos=sampling.ignore_eos,
+            detokenize=False,
+        )
+
+    def _completions(self, outputs, g: int) -> tuple[list[list[int]], list[list[float]]]:
+        """(token ids, sampled log-probs) of each completion in vLLM's request outputs, g per
+        request in request order, each request's in vLLM's index order; a completion that
+        stopped on EOS without returning it gets the EOS back (log-prob NaN)."""
+        completions, logps = [], []
+        for request in outputs:
+            if len(request.outputs) != g:
+                raise RuntimeError(f"vllm returned {len(request.outputs)} completions, not {g}")
+            for out in sorted(request.outputs, key=lambda o: o.index):
+                tokens, logp = self._completion(out)
+                completions.append(tokens)
+                logps.append(logp)
+        return completions, logps
+
+    def _completion(self, out) -> tuple[list[int], list[float]]:
+        """(token ids, sampled log-probs) of one vLLM CompletionOutput, with the EOS appended
+        when it stopped on EOS without returning it."""
+        eos = self.tokenizer.eos_token_id
+        tokens = list(out.token_ids)
+        steps = out.logprobs or [None] * len(tokens)
+        logp = [_sampled_logprob(step, tok) for step, tok in zip(steps, tokens, strict=True)]
+        if (
+            out.finish_reason == "stop"
+            and (not tokens or tokens[-1] != eos)
+            and len(tokens) < self.sampling.max_completion_length
+        ):
+            tokens.append(eos)  # stopped on EOS without returning it
+            logp.append(float("nan"))  # unknown: the correction treats it as 1
+        return tokens, logp
 
 
 def _sampled_logprob(step, token: int) -> float:
