@@ -48,27 +48,44 @@ class GRPOLossConfig:
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"unknown loss_type {self.loss_type!r}; expected one of {LOSS_TYPES}")
         if self.importance_level not in IMPORTANCE_LEVELS:
-            raise ValueError(f"unknown importance_level {self.importance_level!r}; expected one "
-                             f"of {IMPORTANCE_LEVELS}")
+            raise ValueError(
+                f"unknown importance_level {self.importance_level!r}; expected one "
+                f"of {IMPORTANCE_LEVELS}"
+            )
         _positive(self, "temperature", "sapo_temperature_pos", "sapo_temperature_neg")
-        _non_negative(self, "beta", "eps_low", "eps_high", "entropy_coef", "vespo_k_pos",
-                      "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg",
-                      "router_aux_loss_coef")
+        _non_negative(
+            self,
+            "beta",
+            "eps_low",
+            "eps_high",
+            "entropy_coef",
+            "vespo_k_pos",
+            "vespo_lambda_pos",
+            "vespo_k_neg",
+            "vespo_lambda_neg",
+            "router_aux_loss_coef",
+        )
         if self.delta is not None and not self.delta > 0:
             raise ValueError(f"delta must be > 0 (or None), got {self.delta}")
         if self.loss_type in ("cispo", "sapo", "vespo") and self.delta is not None:
-            raise ValueError(f"loss_type={self.loss_type!r} has no clipped ratio: delta must be "
-                             "None")
+            raise ValueError(
+                f"loss_type={self.loss_type!r} has no clipped ratio: delta must be None"
+            )
         if self.max_completion_length is not None and self.max_completion_length < 1:
-            raise ValueError(f"max_completion_length must be >= 1, got "
-                             f"{self.max_completion_length}")
+            raise ValueError(
+                f"max_completion_length must be >= 1, got {self.max_completion_length}"
+            )
         if not 0.0 <= self.top_entropy_quantile <= 1.0:
-            raise ValueError(f"top_entropy_quantile must lie in [0, 1], got "
-                             f"{self.top_entropy_quantile}")
-        if self.off_policy_mask_threshold is not None and \
-                not math.isfinite(self.off_policy_mask_threshold):
-            raise ValueError(f"off_policy_mask_threshold must be finite (or None), got "
-                             f"{self.off_policy_mask_threshold}")
+            raise ValueError(
+                f"top_entropy_quantile must lie in [0, 1], got {self.top_entropy_quantile}"
+            )
+        if self.off_policy_mask_threshold is not None and not math.isfinite(
+            self.off_policy_mask_threshold
+        ):
+            raise ValueError(
+                f"off_policy_mask_threshold must be finite (or None), got "
+                f"{self.off_policy_mask_threshold}"
+            )
 
     @property
     def one_pass(self) -> bool:
@@ -76,8 +93,12 @@ class GRPOLossConfig:
         known beforehand): then the Triton kernel writes the gradient in the forward sweep.
         Sequence ratios, VESPO's sequence weight, the off-policy sequence mask and the entropy
         quantile need every token's log-prob or entropy first."""
-        return (self.importance_level == "token" and self.loss_type != "vespo"
-                and self.off_policy_mask_threshold is None and self.top_entropy_quantile >= 1.0)
+        return (
+            self.importance_level == "token"
+            and self.loss_type != "vespo"
+            and self.off_policy_mask_threshold is None
+            and self.top_entropy_quantile >= 1.0
+        )
 
 
 FIELDS = frozenset(f.name for f in dataclasses.fields(GRPOLossConfig))
@@ -88,8 +109,7 @@ def resolve(config: GRPOLossConfig | None, options: dict) -> GRPOLossConfig:
     options replacing its fields."""
     unknown = sorted(set(options) - FIELDS)
     if unknown:
-        raise TypeError(f"unknown GRPO loss option(s) {unknown}; the options are "
-                        f"{sorted(FIELDS)}")
+        raise TypeError(f"unknown GRPO loss option(s) {unknown}; the options are {sorted(FIELDS)}")
     if config is None:
         return GRPOLossConfig(**options)
     if not isinstance(config, GRPOLossConfig):
