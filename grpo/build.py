@@ -30,7 +30,7 @@ from . import distributed as dist_mod
 from . import rewards as rewards_mod
 from . import tasks as tasks_mod
 from .checkpoint import find_checkpoint
-from .config import GRPOConfig, is_demo
+from .config import DEMO_MODEL, GRPOConfig, is_demo
 from .files import atomic_write
 from .policy import PolicyForward
 from .rollout import SamplingParams, make_engine
@@ -251,7 +251,7 @@ def _load_policy(cfg, run_dir, dtype, device, compute_dtype, world):
     path = Path(cfg.model.path) if cfg.model.path else run_dir / "init-model"
     if is_demo(cfg.model.path) and not (path / "config.json").is_file() and dist_mod.is_main():
         # The built-in demo model: a small Qwen2 with the character tokenizer.
-        make_tiny(path, family="qwen2", hidden=128, layers=4, seed=cfg.run.seed)
+        make_tiny(path, **DEMO_MODEL, seed=cfg.run.seed)
     dist_mod.barrier()
     model, tokenizer = load_model(path, dtype=dtype, device=device)
     if cfg.model.gradient_checkpointing:

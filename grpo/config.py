@@ -275,6 +275,8 @@ DEMO: dict[str, Any] = {
     "loss_type": "dapo",
     "beta": 0.0,
 }
+# The built-in model (models.make_tiny) that grpo-train and grpo-sft create without --model.
+DEMO_MODEL = {"family": "qwen2", "hidden": 128, "layers": 4}
 # With the demo's arithmetic task: 2-digit additions, whose carries the tiny model can learn.
 DEMO_TASK_ARGS = {"operators": "+"}
 

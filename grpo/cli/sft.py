@@ -24,7 +24,7 @@ from models import load_model, make_tiny, save_model
 
 from .. import data as data_mod
 from .. import tasks as tasks_mod
-from ..config import DEMO, is_demo
+from ..config import DEMO, DEMO_MODEL, is_demo
 from ..evaluation import resolve_template
 from ..sft import run_sft
 from .args import BAD_INPUT, add_prompt_arguments, bad_input, describe
@@ -39,11 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--tiny-hidden",
         type=int,
-        default=128,
+        default=DEMO_MODEL["hidden"],
         help="without --model: hidden size of the fresh tiny Qwen2",
     )
     group.add_argument(
-        "--tiny-layers", type=int, default=4, help="without --model: layers of the fresh tiny Qwen2"
+        "--tiny-layers",
+        type=int,
+        default=DEMO_MODEL["layers"],
+        help="without --model: layers of the fresh tiny Qwen2",
     )
     add_prompt_arguments(parser, data_columns="prompt and completion")
     group = parser.add_argument_group("training")
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace) -> str:
     if demo:
         path = make_tiny(
             out.with_name(out.name + "-init"),
-            family="qwen2",
+            family=DEMO_MODEL["family"],
             hidden=args.tiny_hidden,
             layers=args.tiny_layers,
             seed=args.seed,
