@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 
-def _encode(tokenizer, prompt: str, completion: str) -> tuple[list[int], int]:
+def encode_pair(tokenizer, prompt: str, completion: str) -> tuple[list[int], int]:
     p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return p + c, len(p)
@@ -26,7 +26,7 @@ def _encode(tokenizer, prompt: str, completion: str) -> tuple[list[int], int]:
 
 def sft_loss(model, tokenizer, pairs: Sequence[tuple[str, str]]) -> torch.Tensor:
     """Mean cross-entropy of the completion tokens of a batch of pairs (right-padded)."""
-    encoded = [_encode(tokenizer, p, c) for p, c in pairs]
+    encoded = [encode_pair(tokenizer, p, c) for p, c in pairs]
     width = max(len(ids) for ids, _ in encoded)
     device = next(model.parameters()).device
     ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -75,7 +75,7 @@ def sft_loss_packed(
 ) -> torch.Tensor:
     """sft_loss with the pairs packed into rows of up to max_length tokens. Each example keeps
     its own positions (from 0) and attention block, so the value equals sft_loss's."""
-    encoded = [_encode(tokenizer, p, c) for p, c in pairs]
+    encoded = [encode_pair(tokenizer, p, c) for p, c in pairs]
     rows = pack([len(ids) for ids, _ in encoded], max_length)
     width = max(sum(len(encoded[i][0]) for i in row) for row in rows)
     device = next(model.parameters()).device

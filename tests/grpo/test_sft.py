@@ -11,7 +11,7 @@ import torch
 
 import grpo.cli.sft
 from grpo.cli.sft import build_parser, run
-from grpo.sft import _encode, pack, run_sft, sft_loss, sft_loss_packed
+from grpo.sft import encode_pair, pack, run_sft, sft_loss, sft_loss_packed
 from models import load_model, make_tiny
 
 PAIRS = [("12+3\n", "<think>2+3=5, 1+0=1</think><answer>15</answer>"),
@@ -41,11 +41,11 @@ def test_packed_loss_equals_unpacked_loss(tmp_path, kind):
         for a, b in zip(grads, packed_grads, strict=True):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
     # Without the block mask and position reset the examples would see each other.
-    ids = torch.tensor([sum((_encode(tok, p, c)[0] for p, c in PAIRS), [])])
+    ids = torch.tensor([sum((encode_pair(tok, p, c)[0] for p, c in PAIRS), [])])
     naive = model(input_ids=ids).logits
-    own = model(input_ids=ids[:, :len(_encode(tok, *PAIRS[0])[0])]).logits
+    own = model(input_ids=ids[:, :len(encode_pair(tok, *PAIRS[0])[0])]).logits
     assert torch.allclose(naive[:, :own.shape[1]], own, atol=1e-5)  # first example: same
-    second = _encode(tok, *PAIRS[1])[0]
+    second = encode_pair(tok, *PAIRS[1])[0]
     alone = model(input_ids=torch.tensor([second])).logits[0]
     start = own.shape[1]
     assert not torch.allclose(naive[0, start:start + len(second)], alone, atol=1e-3)
