@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ class ModelConfig:
     )
     dtype: str = _f(
         "auto",
-        "bf16, fp16, fp32; auto: bf16 on GPU, fp32 on CPU",
+        "bf16 or fp32 (fp16 is refused: AdamW overflows it); auto: bf16 on GPU, fp32 on CPU",
         choices=("auto", "bf16", "fp16", "fp32"),
     )
     device: str = _f("auto", "cuda, cpu; auto: cuda when available")
@@ -314,8 +315,15 @@ class GRPOConfig:
         return cfg.resolve()
 
     def set_flat(self, values: dict[str, Any]) -> None:
-        loss = {}
+        """Set fields by flat name, each value converted to its field's type (YAML reads
+        `1e-5` as a string); one ValueError lists every value that does not fit."""
+        loss, errors = {}, []
         for name, value in values.items():
+            try:
+                value = typed_value(name, value)
+            except ValueError as e:
+                errors.append(str(e))
+                continue
             section, attr = FLAT[name]
             if section == "loss":
                 loss[attr] = value
@@ -324,7 +332,12 @@ class GRPOConfig:
         if loss:
             if "eps_low" in loss and "eps_high" not in loss:
                 loss["eps_high"] = None  # falls back to the new eps_low, as TRL's epsilon_high
-            self.loss = dataclasses.replace(self.loss, **loss)
+            try:
+                self.loss = dataclasses.replace(self.loss, **loss)
+            except ValueError as e:
+                errors.append(str(e))
+        if errors:
+            raise ValueError("bad configuration: " + "; ".join(errors))
 
     def flat(self) -> dict[str, Any]:
         """Flat key -> value (what config.json records and --config files hold)."""
@@ -393,9 +406,43 @@ class GRPOConfig:
                 "--resume and --overwrite exclude each other",
             ),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        o_finite = all(math.isfinite(v) for v in (o.learning_rate, o.max_grad_norm, o.weight_decay))
+        checks += [
+            (
+                o_finite and o.learning_rate > 0,
+                f"learning_rate must be finite and > 0, got {o.learning_rate}",
+            ),
+            (o.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0: off), got {o.max_grad_norm}"),
+            (o.warmup_steps >= 0, f"warmup_steps must be >= 0, got {o.warmup_steps}"),
+            (o.weight_decay >= 0, f"weight_decay must be >= 0, got {o.weight_decay}"),
+            (
+                self.run.save_every >= 0 and self.run.eval_every >= 0,
+                "save_every and eval_every must be >= 0 (0: off)",
+            ),
+            (
+                all(math.isfinite(w) for w in d.reward_weights),
+                f"reward_weights must be finite, got {d.reward_weights}",
+            ),
+            (
+                0 <= s.overlong_buffer < s.max_completion_length,
+                f"overlong_buffer must lie in [0, max_completion_length="
+                f"{s.max_completion_length}), got {s.overlong_buffer}",
+            ),
+            (
+                self.cold_start.sft_learning_rate > 0 and self.cold_start.sft_batch_size >= 1,
+                "sft_learning_rate must be > 0 and sft_batch_size >= 1",
+            ),
+            # Adam's second moments overflow fp16 (every weight NaN after a step): fp16 needs
+            # fp32 master weights, which this trainer keeps only under FSDP.
+            (
+                self.model.dtype != "fp16",
+                "--dtype fp16 is not supported for training: AdamW on "
+                "fp16 parameters overflows; use bf16 (GPUs) or fp32",
+            ),
+        ]
+        errors = [message for ok, message in checks if not ok]
+        if errors:
+            raise ValueError("bad configuration: " + "; ".join(errors))
         if self.model.path and not (Path(self.model.path) / "config.json").is_file():
             raise ValueError(
                 f"model path {self.model.path!r} is not a directory with a config.json"
@@ -405,6 +452,63 @@ class GRPOConfig:
 
     def to_dict(self) -> dict:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+def typed_value(name: str, value: Any) -> Any:
+    """`value` for the flat field `name` converted to the field's type, or a ValueError that
+    names the field, the value and what is expected. Numbers and booleans may come as strings
+    (as YAML and JSON files hold them), a single string where a list is expected becomes a
+    one-element list, and choices are checked."""
+    if name not in FLAT:
+        raise ValueError(f"unknown field {name!r}")
+    section, attr = FLAT[name]
+    f, t = _field(name), _field_type(name)
+    nullable = f.default is None or "None" in str(f.type)
+    if value is None and nullable:
+        return None
+    try:
+        value = _convert(t, value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected {t.__name__}, got {value!r}") from None
+    choices = LOSS_CHOICES.get(attr) if section == "loss" else f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ValueError(f"{name}: {value!r} is not one of {list(choices)}")
+    return value
+
+
+def _convert(t: type, value: Any) -> Any:
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ValueError(value)
+    if t is int:
+        if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return int(value.strip()) if isinstance(value, str) else int(value)
+    if t is float:
+        if isinstance(value, bool):
+            raise ValueError(value)
+        return float(value)
+    if t is str:
+        if not isinstance(value, str):
+            raise ValueError(value)
+        return value
+    if t is list:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, (list, dict)) for v in items):
+            raise ValueError(value)
+        return list(items)
+    if t is dict:
+        value = json.loads(value) if isinstance(value, str) else value
+        if not isinstance(value, dict):
+            raise ValueError(value)
+        return value
+    return value
 
 
 # --- CLI and files --------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
@@ -97,3 +98,47 @@ def test_demo_preset_only_without_a_model(tmp_path):
         ("r1zero", 256, 200)
     # A value the user gives beats the preset.
     assert GRPOConfig.from_flat(steps=5, output_dir=str(tmp_path / "c")).optim.steps == 5
+
+
+def test_file_values_are_converted_to_their_types(tmp_path):
+    """YAML reads 1e-5 as a string, and users write booleans and single rewards as strings."""
+    (tmp_path / "c.yaml").write_text(
+        'learning_rate: 1e-5\ndynamic_sampling: "false"\nrewards: accuracy\n'
+        'num_generations: "4"\ntask_args: \'{"digits": 3}\'\n')
+    cfg = parse_config(["--config", str(tmp_path / "c.yaml"), "--output-dir", str(tmp_path / "r")])
+    assert cfg.optim.learning_rate == 1e-5 and isinstance(cfg.optim.learning_rate, float)
+    assert cfg.sampling.dynamic_sampling is False
+    assert cfg.data.rewards == ["accuracy"]
+    assert cfg.sampling.num_generations == 4 and cfg.data.task_args == {"digits": 3}
+
+
+def test_every_bad_value_is_named_in_one_message(tmp_path):
+    (tmp_path / "c.yaml").write_text(
+        'num_generations: four\nloss_type: ppo\ndynamic_sampling: "maybe"\nrollout: 3\n')
+    with pytest.raises(ValueError) as error:
+        parse_config(["--config", str(tmp_path / "c.yaml")])
+    message = str(error.value)
+    for part in ("num_generations: expected int, got 'four'", "loss_type: 'ppo' is not one of",
+                 "dynamic_sampling: expected bool", "rollout: expected str"):
+        assert part in message, message
+
+
+@pytest.mark.parametrize("flags, field", [
+    (["--reward-weights", "nan"], "reward_weights must be finite"),
+    (["--learning-rate", "inf"], "learning_rate must be finite"),
+    (["--entropy-coef", "nan"], "entropy_coef must be >= 0"),
+    (["--beta", "-1"], "beta must be >= 0"),
+    (["--eps-low", "-1"], "eps_low must be >= 0"),
+    (["--delta", "0"], "delta must be > 0"),
+    (["--save-every", "-1"], "save_every and eval_every must be >= 0"),
+    (["--warmup-steps", "-5"], "warmup_steps must be >= 0"),
+    (["--max-grad-norm", "-1"], "max_grad_norm must be >= 0"),
+    (["--overlong-buffer", "64"], "overlong_buffer must lie in [0, max_completion_length=64)"),
+    (["--dtype", "fp16"], "--dtype fp16 is not supported for training"),
+])
+def test_out_of_range_values_fail_before_anything_loads(tmp_path, flags, field):
+    """Checked when the config is built: no model is loaded, no directory created."""
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=re.escape(field)):
+        parse_config([*flags, "--output-dir", str(out)])
+    assert not out.exists()
