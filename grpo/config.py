@@ -163,6 +163,11 @@ class OptimConfig:
         8, "completions per forward/backward; gradient accumulation covers the rest"
     )
     num_iterations: int = _f(1, "mu: optimizer steps on each batch (GRPO's inner iterations)")
+    max_nonfinite_steps: int = _f(
+        3,
+        "a step whose loss or gradient norm is not finite is skipped; this many in a row stop "
+        "the run (before any checkpoint is written)",
+    )
 
 
 @dataclass
@@ -414,6 +419,7 @@ class GRPOConfig:
             ),
             (o.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0: off), got {o.max_grad_norm}"),
             (o.warmup_steps >= 0, f"warmup_steps must be >= 0, got {o.warmup_steps}"),
+            (o.max_nonfinite_steps >= 1, "max_nonfinite_steps must be >= 1"),
             (o.weight_decay >= 0, f"weight_decay must be >= 0, got {o.weight_decay}"),
             (
                 self.run.save_every >= 0 and self.run.eval_every >= 0,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import time
 from dataclasses import dataclass
 
@@ -36,6 +37,10 @@ from .evaluation import greedy_accuracy, reward_columns
 from .metrics import RunLogger, SilentLogger, global_token_means, reduce_loss_stats, step_metrics
 from .rollout import Rollout
 from .sft import run_sft
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced NaN or inf (loss, gradients or weights) and stopped."""
 
 
 @dataclass
@@ -195,7 +200,17 @@ class GRPOTrainer:
         self.state["sft_done"] = True
 
     def save_checkpoint(self) -> None:
-        # A collective under torchrun: every rank writes its shard.
+        """A collective under torchrun: every rank writes its shard. Never from non-finite
+        weights: the checkpoint on disk stays the last good one."""
+        finite = all(
+            bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+            for p in self.model.parameters()
+        )
+        if dist_mod.all_reduce(float(not finite), op="max") > 0:
+            raise NonFiniteError(
+                f"the weights hold NaN or inf: not writing a checkpoint over "
+                f"{self.run_dir / 'checkpoint'}"
+            )
         save_checkpoint(
             self.run_dir / "checkpoint",
             self.model,
@@ -238,16 +253,18 @@ class GRPOTrainer:
         # mu optimizer steps on the same batch (GRPO's inner iterations): from the second on,
         # the policy has moved away from the one that sampled, and the ratio and its clipping
         # come into play.
-        passes = []
+        passes, skipped = [], 0
         for _ in range(mu):
             stats = self.accumulate_gradients(batch, loss_mask, old_logp, ref_logp, is_weights)
-            stats["grad_norm"] = self._optimizer_step()
+            stats["grad_norm"], applied = self._optimizer_step(stats["loss"])
+            skipped += not applied
             passes.append(stats)
+        self._count_nonfinite(skipped)
         self.scheduler.step()  # one scheduler step per GRPO step, whatever mu
         self.engine.sync_weights()  # engines with their own copy of the weights
         loss_stats = {key: sum(p[key] for p in passes) / len(passes) for key in passes[0]}
         grad_norm = loss_stats.pop("grad_norm")
-        loss_stats.update(routing, **extra)
+        loss_stats.update(routing, **extra, skipped_nonfinite=skipped)
         t3 = time.perf_counter()
         phases = {"generate": t1 - t0, "logprobs": t2 - t1, "update": t3 - t2}
         return step_metrics(
@@ -439,16 +456,33 @@ class GRPOTrainer:
             **counts,
         )
 
-    def _optimizer_step(self) -> float:
+    def _optimizer_step(self, loss: float) -> tuple[float, bool]:
+        """(gradient norm, whether the step was applied): a non-finite loss or gradient norm
+        is dropped instead of turning every weight NaN."""
         max_norm = self.cfg.optim.max_grad_norm
         grad_norm = dist_mod.local_value(
             torch.nn.utils.clip_grad_norm_(
                 self.model.parameters(), max_norm if max_norm > 0 else float("inf")
             )
         )
-        self.optimizer.step()
+        applied = math.isfinite(grad_norm) and math.isfinite(loss)
+        if applied:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        return grad_norm, applied
+
+    def _count_nonfinite(self, skipped: int) -> None:
+        """Stop after max_nonfinite_steps GRPO steps in a row with a skipped update."""
+        run = self.state.get("nonfinite_in_a_row", 0) + 1 if skipped else 0
+        self.state["nonfinite_in_a_row"] = run
+        limit = self.cfg.optim.max_nonfinite_steps
+        if run >= limit:
+            raise NonFiniteError(
+                f"{run} steps in a row had a non-finite loss or gradient (step "
+                f"{self.state['step'] + 1}); stopped without writing a checkpoint. The last "
+                f"checkpoint, if any, is in {self.run_dir / 'checkpoint'}: lower the learning "
+                f"rate or check the rewards, then --resume"
+            )
 
     # --- evaluation -------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import sys
 from .. import distributed
 from ..build import build_trainer
 from ..config import parse_config
+from ..trainer import NonFiniteError
 from .args import BAD_INPUT, bad_input
 
 
@@ -27,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         finished = True
     except BAD_INPUT as e:  # bad input: a message, not a traceback
         return bad_input("grpo-train", e)
+    except NonFiniteError as e:  # the run diverged: say so and where the good state is
+        print(f"grpo-train: stopped: {e}", file=sys.stderr)
+        return 1
     finally:
         left_group = distributed.shutdown(wait_for_peers=finished)
     if main_process:

@@ -293,3 +293,47 @@ def test_fused_lm_head_path_matches_logits_path(tmp_path, kind):
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
     for fused_grad, logits_grad in zip(results[1][1], results[0][1], strict=True):
         torch.testing.assert_close(fused_grad, logits_grad, rtol=1e-4, atol=1e-6)
+
+
+def _poison(trainer, bad_steps: set[int]) -> None:
+    """The loss (hence every gradient) becomes NaN on the given GRPO steps (1-based)."""
+    loss_fn = trainer.parts.loss_fn
+
+    def poisoned(*args, **kwargs):
+        loss, stats = loss_fn(*args, **kwargs)
+        if trainer.state["step"] + 1 in bad_steps:
+            loss = loss * float("nan")
+        return loss, stats
+
+    trainer.parts.loss_fn = poisoned
+
+
+def test_a_non_finite_step_is_skipped(tmp_path):
+    trainer = build_trainer(_config(tmp_path, steps=4))
+    _poison(trainer, {2})
+    trainer.train()
+    lines = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [line["skipped_nonfinite"] for line in lines] == [0, 1, 0, 0]
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert (tmp_path / "run" / "checkpoint" / "state.json").is_file()
+
+
+def test_non_finite_steps_in_a_row_stop_before_any_checkpoint(tmp_path, capsys):
+    from grpo.trainer import NonFiniteError
+
+    trainer = build_trainer(_config(tmp_path, steps=6, max_nonfinite_steps=2))
+    _poison(trainer, {2, 3, 4})
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with pytest.raises(NonFiniteError, match="2 steps in a row had a non-finite loss"):
+        trainer.train()
+    assert not (tmp_path / "run" / "checkpoint").exists()
+    assert trainer.state["step"] == 2  # steps 1 and 2 ran; the third raised
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(),
+                                                     strict=True))  # step 1 was applied
+    # Weights that did turn non-finite are never checkpointed.
+    with torch.no_grad():
+        next(trainer.model.parameters()).fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match="not writing a checkpoint"):
+        trainer.save_checkpoint()
+    assert not (tmp_path / "run" / "checkpoint").exists()
