@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from models.routing_replay import RoutingReplay
 
 from . import data as data_mod
 from . import distributed as dist_mod
+from . import files
 from . import rewards as rewards_mod
 from . import tasks as tasks_mod
 from .checkpoint import find_checkpoint
@@ -184,27 +184,76 @@ def load_data(cfg: GRPOConfig):
     return task, evals, stream
 
 
+# What a run writes into its directory: --overwrite removes these and nothing else.
+RUN_FILES = ("config.json", "metrics.jsonl", "curves.png", "summary.json")
+RUN_DIRS = ("checkpoint", "cold-start", "final", "init-model", "tensorboard")
+
+
 def prepare_run_dir(cfg: GRPOConfig, run_dir: Path) -> None:
-    """Rank 0 checks and prepares the run directory; the others wait for its verdict."""
+    """Rank 0 checks and prepares the run directory; the others wait for its verdict. A run
+    only ever deletes what a run of ours wrote: a directory that holds anything else (a model,
+    a project) is refused, naming what was found."""
     error = None
     if dist_mod.is_main():
-        holds_run = (run_dir / "config.json").is_file()
-        if cfg.run.resume:
-            if find_checkpoint(run_dir) is None:
-                error = f"--resume: {run_dir} has no checkpoint to resume from"
-        elif holds_run and not cfg.run.overwrite:
-            error = (
-                f"{run_dir} holds another run; pass --resume to continue it or "
-                f"--overwrite to replace it"
-            )
-        elif holds_run:
-            shutil.rmtree(run_dir)
+        error = _run_dir_error(cfg, run_dir)
         if error is None:
+            if cfg.run.overwrite and not cfg.run.resume:
+                for name in RUN_FILES + RUN_DIRS:
+                    files.remove(run_dir / name)
             run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(run_dir / "config.json", cfg.to_dict())
+            if not cfg.run.resume:
+                write_json(run_dir / "config.json", cfg.to_dict())
     error = dist_mod.broadcast_object(error)
     if error:
         raise ValueError(error)
+
+
+def _run_dir_error(cfg: GRPOConfig, run_dir: Path) -> str | None:
+    if run_dir.exists() and not run_dir.is_dir():
+        return f"--output-dir {run_dir} is a file, not a directory"
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return f"--resume: {run_dir} holds no run" if cfg.run.resume else None
+    foreign = sorted(p.name for p in run_dir.iterdir() if not _ours(p.name))
+    if foreign or not _is_run_config(run_dir / "config.json"):
+        found = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        return (
+            f"--output-dir {run_dir} is not empty and not a grpo-train run directory "
+            f"(found {found or 'a config.json of something else'}): choose a new directory; "
+            f"nothing was changed"
+        )
+    if cfg.run.resume:
+        if find_checkpoint(run_dir) is None:
+            return f"--resume: {run_dir} has no checkpoint to resume from"
+        return None
+    if not cfg.run.overwrite:
+        return (
+            f"{run_dir} holds another run; pass --resume to continue it or --overwrite to "
+            f"replace it"
+        )
+    return None
+
+
+def _ours(name: str) -> bool:
+    """A name a run writes, or one of files.py's temporary names for it."""
+    known = RUN_FILES + RUN_DIRS
+    if name in known:
+        return True
+    hidden = name.startswith(".") and (".tmp-" in name or ".old-" in name)
+    return hidden and name[1:].split(".tmp-")[0].split(".old-")[0] in known
+
+
+def _is_run_config(path: Path) -> bool:
+    """config.json as a run writes it (a model directory's config.json is not one)."""
+    import json
+
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    # Nested sections, or the flat keys of runs written before the nested config.
+    return isinstance(value, dict) and (
+        {"sampling", "loss", "run"} <= set(value) or "num_generations" in value
+    )
 
 
 def write_json(path: Path, value: dict) -> None:

@@ -3,8 +3,9 @@
 Run as `python -m tests.grpo.dist_worker OUT MODEL [flags]` (one process) or under
 `torchrun --nproc-per-node 2` (two): the completions depend only on the prompt and the
 sample's index, so the runs see the same global batch and must give the same losses,
-advantages and parameters. Rank 0 writes OUT/record.json with each step's metrics and the
-advantages of the whole batch in prompt order.
+advantages and parameters. Rank 0 writes OUT.record.json (beside the run directory, which
+holds only what a run writes) with each step's metrics and the advantages of the whole batch
+in prompt order.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def main(argv: list[str]) -> None:
     try:
         trainer.train()
         if distributed.is_main():
-            (Path(out) / "record.json").write_text(json.dumps(
+            Path(f"{out}.record.json").write_text(json.dumps(
                 {"steps": record, "syncs": trainer.engine.syncs, "greedy": greedy,
                  "world": distributed.world_size()}))
         finished = True

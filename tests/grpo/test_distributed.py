@@ -33,7 +33,7 @@ def _run(procs: int, out: Path, model: Path, *flags: str) -> dict:
                            "--kernel-backend", "reference", *flags],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads((out / "record.json").read_text())
+    return json.loads(Path(f"{out}.record.json").read_text())
 
 
 def _weights(directory: Path) -> dict[str, torch.Tensor]:

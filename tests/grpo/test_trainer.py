@@ -337,3 +337,30 @@ def test_non_finite_steps_in_a_row_stop_before_any_checkpoint(tmp_path, capsys):
     with pytest.raises(NonFiniteError, match="not writing a checkpoint"):
         trainer.save_checkpoint()
     assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_overwrite_deletes_only_what_a_run_wrote(tmp_path):
+    """--overwrite never deletes a model, a project or a user's file: any directory that is
+    not a run of ours is refused, naming what was found, and left as it was."""
+    model = make_tiny(tmp_path / "m2")
+    before = sorted(p.name for p in model.iterdir())
+    with pytest.raises(ValueError, match="not a grpo-train run directory"):
+        build_trainer(_config(tmp_path, output_dir=str(model), overwrite=True))
+    assert sorted(p.name for p in model.iterdir()) == before
+    project = tmp_path / "src"
+    project.mkdir()
+    (project / "main.py").write_text("print('mine')\n")
+    with pytest.raises(ValueError, match=r"found main\.py"):
+        build_trainer(_config(tmp_path, output_dir=str(project)))
+    assert [p.name for p in project.iterdir()] == ["main.py"]
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        build_trainer(_config(tmp_path, output_dir=str(a_file)))
+    # A run directory in which the user left a file of theirs is not cleared either.
+    run = tmp_path / "run"
+    build_trainer(_config(tmp_path, steps=1))
+    (run / "my-notes.md").write_text("keep me")
+    with pytest.raises(ValueError, match="my-notes.md"):
+        build_trainer(_config(tmp_path, steps=1, overwrite=True))
+    assert (run / "my-notes.md").read_text() == "keep me" and (run / "config.json").is_file()
