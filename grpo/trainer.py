@@ -17,9 +17,12 @@ reduced across ranks and why.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -37,6 +40,41 @@ from .evaluation import greedy_accuracy, reward_columns
 from .metrics import RunLogger, SilentLogger, global_token_means, reduce_loss_stats, step_metrics
 from .rollout import Rollout
 from .sft import run_sft
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM ended the run after a finished step, whose checkpoint is written."""
+
+    def __init__(self, signum: int, step: int, run_dir) -> None:
+        self.signum = signum
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"{name} after step {step}: checkpoint in {run_dir / 'checkpoint'}; continue with "
+            f"the same command and --resume"
+        )
+
+
+@contextlib.contextmanager
+def _deferred_signals():
+    """The signals received (SIGINT, SIGTERM), recorded instead of acted on, so the step in
+    progress finishes and a consistent checkpoint can be written; a second Ctrl-C stops at
+    once. Only the main thread can install handlers: elsewhere nothing is deferred."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum, frame):
+        if received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 class NonFiniteError(RuntimeError):
@@ -152,18 +190,25 @@ class GRPOTrainer:
         )
 
     def _run_steps(self, logger) -> None:
-        """GRPO steps up to optim.steps, with the periodic evaluations and checkpoints."""
+        """GRPO steps up to optim.steps, with the periodic evaluations and checkpoints. SIGINT
+        (Ctrl-C) or SIGTERM (a scheduler's warning) ends the run after the current step,
+        with a checkpoint: `Interrupted`."""
         steps, run = self.cfg.optim.steps, self.cfg.run
-        while self.state["step"] < steps:
-            metrics = self.step()
-            self.state["step"] += 1
-            self.state["data_position"] = self.stream.position
-            step = self.state["step"]
-            if run.eval_every and step % run.eval_every == 0 and step < steps:
-                metrics["eval_accuracy"] = self.evaluate()["accuracy"]
-            logger.log(step, metrics)
-            if run.save_every and step % run.save_every == 0 and step < steps:
-                self.save_checkpoint()
+        with _deferred_signals() as received:
+            while self.state["step"] < steps:
+                metrics = self.step()
+                self.state["step"] += 1
+                self.state["data_position"] = self.stream.position
+                step = self.state["step"]
+                if run.eval_every and step % run.eval_every == 0 and step < steps:
+                    metrics["eval_accuracy"] = self.evaluate()["accuracy"]
+                logger.log(step, metrics)
+                # Every rank stops after the same step (FSDP's collectives need them all).
+                stop = dist_mod.all_reduce(float(received[0] if received else 0), op="max")
+                if (run.save_every and step % run.save_every == 0 and step < steps) or stop:
+                    self.save_checkpoint()
+                if stop:
+                    raise Interrupted(int(stop), step, self.run_dir)
 
     def _cold_start(self) -> None:
         c = self.cfg.cold_start

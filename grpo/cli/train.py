@@ -14,7 +14,7 @@ import sys
 from .. import distributed
 from ..build import build_trainer
 from ..config import parse_config
-from ..trainer import NonFiniteError
+from ..trainer import Interrupted, NonFiniteError
 from .args import BAD_INPUT, bad_input
 
 
@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as e:  # the run diverged: say so and where the good state is
         print(f"grpo-train: stopped: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:  # Ctrl-C or SIGTERM: the checkpoint is written
+        print(f"grpo-train: interrupted: {e}", file=sys.stderr, flush=True)
+        return 128 + e.signum
     finally:
         left_group = distributed.shutdown(wait_for_peers=finished)
     if main_process:

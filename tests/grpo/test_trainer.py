@@ -6,6 +6,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -364,3 +369,51 @@ def test_overwrite_deletes_only_what_a_run_wrote(tmp_path):
     with pytest.raises(ValueError, match="my-notes.md"):
         build_trainer(_config(tmp_path, steps=1, overwrite=True))
     assert (run / "my-notes.md").read_text() == "keep me" and (run / "config.json").is_file()
+
+
+SMALL_RUN = ["--steps", "6", "--sft-steps", "2", "--prompts-per-step", "2",
+             "--num-generations", "4", "--max-completion-length", "12", "--eval-size", "8",
+             "--micro-batch-size", "4", "--no-progress", "--rewards", "accuracy", "format",
+             "--no-dynamic-sampling", "--temperature", "1.0", "--device", "cpu"]
+
+
+def _grpo_train(out, *flags) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "grpo.cli.train", *SMALL_RUN,
+                             "--output-dir", str(out), *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+
+
+def _interrupt_after(proc, metrics_file: Path, steps: int, signum: int) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics_file.is_file() and len(metrics_file.read_text().splitlines()) >= steps:
+            proc.send_signal(signum)
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run did not reach step {steps}: {proc.communicate()}")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_and_sigterm_checkpoint_and_resume_exactly(tmp_path, signum):
+    """A real grpo-train process: the signal ends it after the current step with a checkpoint
+    and exit status 128 + signal; --resume then gives the metrics of an uninterrupted run."""
+    out = tmp_path / "run"
+    proc = _grpo_train(out)
+    _interrupt_after(proc, out / "metrics.jsonl", 2, signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err
+    assert "checkpoint in" in err and "--resume" in err and "Traceback" not in err, err
+    done = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert 2 <= done["step"] < 6, done
+    if signum == signal.SIGTERM:
+        return  # the resume below is the same for both; run it once
+    resumed = _grpo_train(out, "--resume")
+    _, err = resumed.communicate(timeout=180)
+    assert resumed.returncode == 0, err
+    whole = _grpo_train(tmp_path / "whole")
+    _, err = whole.communicate(timeout=180)
+    assert whole.returncode == 0, err
+    a = [_comparable(x) for x in read_metrics(out / "metrics.jsonl")]
+    b = [_comparable(x) for x in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
+    assert a == b
