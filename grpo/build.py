@@ -8,6 +8,7 @@ cold-started policy, so it is loaded after the cold start by `load_reference`.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import warnings
@@ -244,8 +245,6 @@ def _ours(name: str) -> bool:
 
 def _is_run_config(path: Path) -> bool:
     """config.json as a run writes it (a model directory's config.json is not one)."""
-    import json
-
     try:
         value = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -257,8 +256,6 @@ def _is_run_config(path: Path) -> bool:
 
 
 def write_json(path: Path, value: dict) -> None:
-    import json
-
     atomic_write(path, json.dumps(value, indent=2, default=str))
 
 

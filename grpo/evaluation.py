@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from . import data as data_mod
+from . import distributed as dist_mod
 from . import rewards as rewards_mod
 from . import tasks as tasks_mod
 from .config import DEMO
@@ -527,8 +528,6 @@ def greedy_accuracy(
     and format rate. Under torchrun each rank answers every world-th prompt, in equally many
     batches (a rank with none repeats a prompt, since FSDP needs every rank in every forward),
     and the counts are summed over ranks."""
-    from . import distributed as dist_mod
-
     rank, world = dist_mod.rank(), dist_mod.world_size()
     mine = examples[rank::world]
     batches = -(-len(examples[::world]) // batch_size)
