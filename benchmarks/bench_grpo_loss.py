@@ -5,8 +5,9 @@
 
 Effective GB/s counts the logits read once plus the gradient written once: the least any
 implementation must move, so the number is comparable across providers and with the
-copy-bandwidth floor. (Liger also sweeps one ignored extra position per sequence, see
-common.pad_for_liger; it is not counted.)
+copy-bandwidth floor, the "clone" provider (a clone of the logits: one read, one write).
+(Liger also sweeps one ignored extra position per sequence, see common.pad_for_liger; it is
+not counted.)
 
 --bias-correction-kl runs every provider once per value of use_bias_correction_kl (TRL's
 DeepSeek-V3.2 KL weighting, on by default in TRL and in GRPOLossConfig); each row records its
@@ -25,7 +26,7 @@ from benchmarks import common
 
 SHAPES = ["8x1024x151936", "16x1024x151936", "32x512x32000"]
 SMOKE_SHAPES = ["2x8x1000", "3x5x777"]
-PROVIDERS = ["eager", "compile", "ours", "ours_inplace", "liger", "liger_inplace"]
+PROVIDERS = ["clone", "eager", "compile", "ours", "ours_inplace", "liger", "liger_inplace"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -168,6 +169,8 @@ def builders(
         return build
 
     return {
+        # The floor: one read of the logits and one write of a tensor of their size.
+        "clone": lambda inp: lambda: inp["logits"].detach().clone(),
         "eager": lambda inp: loss_and_grad(ref.grpo_loss_ref, inp["logits"], inp, **ours_kw),
         "compile": lambda inp: loss_and_grad(
             common.compiled(ref.grpo_loss_ref), inp["logits"], inp, **ours_kw

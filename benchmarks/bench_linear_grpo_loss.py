@@ -4,7 +4,9 @@
 
 Shapes are NxHxV (tokens x hidden x vocabulary). TFLOP/s counts the three GEMMs every
 provider needs (h @ W^T and its two backward GEMMs: 6 N H V), so the figures compare
-directly with the GEMMs-only provider, the floor the fused loss should approach.
+directly with the "gemms" provider (those three GEMMs alone, with a fixed d logits), the floor
+the fused loss should approach. "liger" is Liger-Kernel's chunked LigerFusedLinearGRPOLoss on
+the same problem (one sequence per chunk, its default; eager unless --liger-compiled).
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from benchmarks import common
 
 SHAPES = ["8192x896x151936", "8192x3584x151936"]
 SMOKE_SHAPES = ["12x24x257"]
-PROVIDERS = ["gemms", "eager", "materialised_ours", "fused_ours"]
+PROVIDERS = ["gemms", "eager", "materialised_ours", "fused_ours", "liger"]
 SEQ = 1024  # tokens per sequence: N = B * SEQ (smoke: one sequence per 4 tokens)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beta", type=float, default=0.04, help="KL coefficient")
+    parser.add_argument("--liger-compiled", action="store_true",
+                        help="Liger's torch.compile'd chunks (its default; minutes to compile)")
 
 
 def make_inputs(shape: common.Shape, args: argparse.Namespace) -> common.Inputs:
@@ -57,12 +61,36 @@ def builders(args: argparse.Namespace, kernels: Any, ref: Any) -> dict[str, comm
         return lambda inp: loss_fn(inp["hidden"] @ inp["weight"].t(), *loss_args(inp),
                                    beta=args.beta)[0]
 
+    def gemms(inp: common.Inputs) -> Callable[[], Any]:
+        # logits = h W^T, then d h = g W and d W = g^T h for a fixed g: the 6 N H V floor.
+        h, w = inp["hidden"], inp["weight"]
+        g = torch.randn(*h.shape[:-1], w.shape[0], device=h.device, dtype=h.dtype)
+        return lambda: torch.autograd.grad(h @ w.t(), (h, w), g)
+
+    def liger(inp: common.Inputs) -> Callable[[], Any]:
+        from liger_kernel.chunked_loss.grpo_loss import LigerFusedLinearGRPOLoss
+
+        # Our defaults on its side: grpo aggregation, TRL's bias-corrected KL (Liger's
+        # default is dapo without it).
+        module = LigerFusedLinearGRPOLoss(
+            beta=args.beta, compiled=args.liger_compiled, use_ref_model=args.beta != 0,
+            loss_type="grpo", use_bias_correction_kl=True)
+
+        def call() -> Any:
+            loss, _ = module(inp["hidden"], inp["weight"], inp["ids"], inp["mask"],
+                             inp["advantages"], ref_per_token_logps=inp["ref_logp"],
+                             old_per_token_logps=inp["old_logp"])
+            return torch.autograd.grad(loss, (inp["hidden"], inp["weight"]))
+
+        return call
+
     return {
-        "gemms": grads(lambda inp: (inp["hidden"] @ inp["weight"].t()).float().mean()),
+        "gemms": gemms,
         "eager": grads(materialised(ref.grpo_loss_ref)),
         "materialised_ours": grads(materialised(kernels.grpo_loss)),
         "fused_ours": grads(lambda inp: kernels.linear_grpo_loss(
             inp["hidden"], inp["weight"], *loss_args(inp), beta=args.beta)[0]),
+        "liger": liger,
     }
 
 

@@ -2,7 +2,9 @@
 
     python -m benchmarks.bench_logprobs [--entropy] [--smoke]
 
-GB/s counts one read of the logits, the least this op must move.
+GB/s counts one read of the logits, the least this op must move. Floors: "read" (one read of
+the logits: their max over V) and "clone" (one read and one write: half its time is one read at
+the copy bandwidth).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from benchmarks import common
 
 SHAPES = ["8x1024x151936", "16x1024x151936", "32x512x32000"]
 SMOKE_SHAPES = ["2x8x1000", "3x5x777"]
-PROVIDERS = ["eager", "compile", "ours", "liger"]
+PROVIDERS = ["read", "clone", "eager", "compile", "ours", "liger"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +49,8 @@ def builders(args: argparse.Namespace, kernels: Any, ref: Any) -> dict[str, comm
         return lambda: fused_selective_log_softmax(padded, inp["ids"], temperature=1.0)
 
     return {
+        "read": lambda inp: lambda: torch.amax(inp["logits"], dim=-1),
+        "clone": lambda inp: lambda: inp["logits"].clone(),
         "eager": call(ref.token_logprobs_ref),
         "compile": call(common.compiled(ref.token_logprobs_ref)),
         "ours": call(kernels.token_logprobs),

@@ -1,8 +1,12 @@
-"""MoE experts (routed SwiGLU), forward + backward: ours vs the eager loop and torch._grouped_mm.
+"""MoE experts (routed SwiGLU), forward + backward: ours vs the eager loop, transformers' grouped_mm
+experts and torch._grouped_mm.
 
     python -m benchmarks.bench_moe [--smoke]
 
-Shapes are tokens x H x I x E x topk. TFLOP/s counts the matmuls of forward + backward,
+"hf_grouped_mm" is transformers' own "grouped_mm" experts implementation (the one
+`load_model(moe_backend="auto")` picks on a GPU) on a Qwen3-MoE experts module holding the same
+weights; "grouped_mm" the same maths written here on torch._grouped_mm. Shapes are
+tokens x H x I x E x topk. TFLOP/s counts the matmuls of forward + backward,
 3 x the forward's 2 * N * k * (H * 2I + I * H); ms is one forward and one backward giving
 the gradients of hidden, gate_up, down and the routing weights.
 """
@@ -19,7 +23,7 @@ from benchmarks import common
 # Qwen3-30B-A3B at two batch sizes, then OLMoE-1B-7B.
 SHAPES = ["16384x2048x768x128x8", "4096x2048x768x128x8", "16384x2048x1024x64x8"]
 SMOKE_SHAPES = ["13x24x20x5x2", "7x32x16x4x3"]
-PROVIDERS = ["eager", "grouped_mm", "ours"]
+PROVIDERS = ["eager", "hf_grouped_mm", "grouped_mm", "ours"]
 
 
 def make_inputs(shape: common.Shape, device: str, dtype: torch.dtype) -> common.Inputs:
@@ -55,6 +59,29 @@ def grouped_mm_experts(hidden, gate_up, down, topk_ids, topk_weights):
     return pairs.view(n, k, -1).float().sum(1).to(hidden.dtype)
 
 
+def hf_grouped_mm(inp: common.Inputs) -> Callable[[], Any]:
+    """transformers' grouped_mm experts forward on a Qwen3MoeExperts module built on the meta
+    device, its weights replaced by (views of) the benchmark's."""
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    e, two_i, h = inp["gate_up"].shape
+    config = Qwen3MoeConfig(hidden_size=h, moe_intermediate_size=two_i // 2, num_experts=e,
+                            hidden_act="silu")
+    config._experts_implementation = "grouped_mm"
+    with torch.device("meta"):
+        module = Qwen3MoeExperts(config)
+    module.gate_up_proj = torch.nn.Parameter(inp["gate_up"].detach())
+    module.down_proj = torch.nn.Parameter(inp["down"].detach())
+    leaves = [inp["hidden"], module.gate_up_proj, module.down_proj, inp["topk_weights"]]
+
+    def step() -> Any:
+        out = module(inp["hidden"], inp["topk_ids"], inp["topk_weights"])
+        return out.detach(), torch.autograd.grad(out, leaves, inp["grad"])
+
+    return step
+
+
 def builders(kernels: Any, ref: Any) -> dict[str, common.Builder]:
     def call(fn: Callable[..., Any]) -> common.Builder:
         def build(inp: common.Inputs) -> Callable[[], Any]:
@@ -72,6 +99,7 @@ def builders(kernels: Any, ref: Any) -> dict[str, common.Builder]:
 
     return {
         "eager": call(ref.moe_experts_ref),
+        "hf_grouped_mm": hf_grouped_mm,
         "grouped_mm": call(grouped_mm_experts),
         "ours": call(kernels.moe_experts),
     }

@@ -384,6 +384,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                           flush=True)
                     continue
                 rows.append(row)
+                if args.save:  # at once: a run stopped later keeps the providers it finished
+                    common.append_results("step", [row])
                 print(f"{model:>6} {provider:>5} {row['step_s']:8.3f} s/step  generate "
                       f"{row['generate_s']:.3f} s ({row['gen_tokens_per_s']:.0f} tok/s)",
                       flush=True)
@@ -399,7 +401,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                   f"throughput, peak memory {by['ours']['peak_gib']:.2f} vs "
                   f"{by['trl']['peak_gib']:.2f} GiB")
     if args.save and rows:
-        print(f"appended {len(rows)} rows to {common.append_results('step', rows)}")
+        print(f"appended {len(rows)} rows to {common.RESULTS_DIR / 'step.csv'}")
     if rows and (args.save or args.plot):
         print(f"wrote {plot_phases(rows, args.plot or common.RESULTS_DIR / 'step.png')}")
     return rows

@@ -37,13 +37,18 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# BENCH_RESULTS_DIR redirects the CSVs (gpu_checks.sh --cpu-smoke writes to a scratch folder).
+RESULTS_DIR = Path(os.environ.get("BENCH_RESULTS_DIR") or Path(__file__).resolve().parent
+                   / "results")
+# gpu_checks.sh tags every row of one run with GPU_CHECKS_RUN, so that its summary reads that
+# run's rows only (the CSVs keep every run).
+RUN_ID = os.environ.get("GPU_CHECKS_RUN", "")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Fixed leading columns keep CSVs from different scripts and runs comparable; a script's
 # extra keys (beta, importance_level, ...) are appended after them.
 COLUMNS = [
     "timestamp", "gpu", "git_sha", "torch", "triton", "op", "provider", "shape", "dtype",
-    "ms", "gbps", "tflops", "peak_extra_mib",
+    "ms", "gbps", "tflops", "peak_extra_mib", "run",
 ]
 
 Shape = tuple[int, ...]
@@ -122,6 +127,9 @@ def device_name() -> str:
 
 
 def git_sha() -> str:
+    """The checkout's short sha; GIT_SHA overrides it (a copy of the tree without .git)."""
+    if os.environ.get("GIT_SHA"):
+        return os.environ["GIT_SHA"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
@@ -164,7 +172,7 @@ def append_results(op: str, rows: Sequence[Mapping[str, Any]]) -> Path:
     meta = {
         "timestamp": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "gpu": device_name(), "git_sha": git_sha(), "torch": torch.__version__,
-        "triton": triton.__version__, "op": op,
+        "triton": triton.__version__, "op": op, "run": RUN_ID,
     }
     new = [{**meta, **{k: _fmt(v, csv=True) for k, v in row.items()}} for row in rows]
     old: list[dict[str, str]] = []

@@ -2,12 +2,18 @@
 
 Every check runs before any launch so that bad input fails with a ValueError that names the
 problem instead of a wrong answer or a fault inside a kernel. Checks that need the values
-(id range, finiteness) are batched into one device->host copy.
+(id range, finiteness) are batched into one device->host copy: the one host sync of a call.
+`value_checks(False)` (or `validate=False` on a call) skips them, so that a caller that checks
+its inputs once (`check_values`, as the trainer does once per step) runs every kernel call
+without synchronising the device; shape, dtype and device checks always run (no sync).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -17,6 +23,31 @@ from .reference import SCALES
 # triton.jit reads TRITON_INTERPRET when a kernel is decorated, so it is read once here too.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+_VALUE_CHECKS = contextvars.ContextVar("kernels_value_checks", default=True)
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool) -> Iterator[None]:
+    """Turn the value checks of the kernel calls in this block on or off (on by default).
+
+    The value checks (ids inside the vocabulary, finite advantages, log-probs, rewards and
+    importance ratios, expert ids in range) read the tensors' values: one host sync per call.
+    Off, no call synchronises the device, and bad values give wrong results instead of a
+    ValueError: check them once yourself with `check_values`. A call's own `validate=True`
+    or `validate=False` overrides this."""
+    token = _VALUE_CHECKS.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _VALUE_CHECKS.reset(token)
+
+
+def checking(validate: bool | None) -> bool:
+    """Whether a call runs its value checks: its own `validate`, else the value_checks
+    context (on by default)."""
+    return _VALUE_CHECKS.get() if validate is None else bool(validate)
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -69,17 +100,27 @@ def check_bt(t: torch.Tensor | None, name: str, like: torch.Tensor) -> None:
         raise ValueError(f"{name} is on {t.device} but logits on {like.device}")
 
 
-def check_values(ids: torch.Tensor, vocab: int, finite: dict[str, torch.Tensor]) -> None:
-    """One host sync for all value checks: ids in [0, V) and the named tensors finite."""
-    flags = [((ids < 0) | (ids >= vocab)).any()]
-    flags += [~torch.isfinite(t.float()).all() for t in finite.values()]
-    bad = torch.stack(flags).tolist()
-    if bad[0]:
+def check_values(
+    ids: torch.Tensor | None = None,
+    vocab: int | None = None,
+    finite: Mapping[str, torch.Tensor | None] | None = None,
+) -> None:
+    """One host sync for all value checks: ids in [0, vocab) and every named tensor finite
+    (None entries are skipped). A failure names the tensor and its first bad position."""
+    tensors = {k: v for k, v in (finite or {}).items() if v is not None}
+    flags = [((ids < 0) | (ids >= vocab)).any()] if ids is not None else []
+    flags += [~torch.isfinite(t).all() for t in tensors.values()]
+    if not flags:
+        return
+    bad = torch.stack([f.to(flags[0].device) for f in flags]).tolist()
+    if ids is not None and bad.pop(0):
         lo, hi = int(ids.min()), int(ids.max())
         raise ValueError(f"ids must lie in [0, V) = [0, {vocab}), got values in [{lo}, {hi}]")
-    for name, is_bad in zip(finite, bad[1:], strict=True):
+    for (name, t), is_bad in zip(tensors.items(), bad, strict=True):
         if is_bad:
-            raise ValueError(f"{name} contains NaN or inf")
+            where = tuple(int(i) for i in torch.nonzero(~torch.isfinite(t))[0])
+            raise ValueError(f"{name} contains NaN or inf: {name}{list(where)} = "
+                             f"{t[where].item()}")
 
 
 def check_loss_inputs(
@@ -97,10 +138,13 @@ def check_loss_inputs(
     num_items: float | torch.Tensor | None = None,
     num_sequences: float | None = None,
     accumulation_steps: int = 1,
+    validate: bool | None = None,
 ) -> None:
     """The per-token and per-sequence inputs of a GRPO loss over `like` (B, T, ...) with
     vocabulary `vocab`, and the counts of its normalisers (the options checked themselves
-    when the GRPOLossConfig was built)."""
+    when the GRPOLossConfig was built). With value checks on (`checking(validate)`), also ids
+    in [0, vocab) and advantages, old_logp, ref_logp (when beta > 0) and
+    importance_sampling_ratio finite: one host sync."""
     check_bt(mask, "mask", like)
     check_bt(old_logp, "old_logp", like)
     check_bt(ref_logp, "ref_logp", like)
@@ -117,16 +161,20 @@ def check_loss_inputs(
                          f"{like.device}")
     if cfg.beta > 0 and ref_logp is None:
         raise ValueError(f"beta={cfg.beta} > 0 needs ref_logp (the reference model's log-probs)")
-    if num_items is not None and not float(num_items) > 0:
+    values = checking(validate)
+    # A tensor's value is a host sync: checked with the other values.
+    if num_items is not None and (values or not isinstance(num_items, torch.Tensor)) \
+            and not float(num_items) > 0:
         raise ValueError(f"num_items must be > 0, got {float(num_items)}")
     if num_sequences is not None and not float(num_sequences) > 0:
         raise ValueError(f"num_sequences must be > 0, got {float(num_sequences)}")
     if int(accumulation_steps) != accumulation_steps or accumulation_steps < 1:
         raise ValueError(f"accumulation_steps must be an integer >= 1, got {accumulation_steps}")
-    finite = {"advantages": advantages}
-    if importance_sampling_ratio is not None:
-        finite["importance_sampling_ratio"] = importance_sampling_ratio
-    check_values(ids, vocab, finite)
+    if values:
+        check_values(ids, vocab, {
+            "advantages": advantages, "old_logp": old_logp,
+            "ref_logp": ref_logp if cfg.beta > 0 else None,
+            "importance_sampling_ratio": importance_sampling_ratio})
 
 
 def token_advantages(advantages: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._checks import check_rewards, next_pow2, use_triton
+from ._checks import check_rewards, checking, next_pow2, use_triton
 
 SCALE_MODES = {"group": 0, "batch": 1, "none": 2}
 
@@ -63,6 +63,12 @@ def _group_advantages_kernel(rew_ptr, wts_ptr, batch_std_ptr, adv_ptr, mean_ptr,
     tl.store(count_ptr + group, n_ok)
 
 
+def launch_config(group_size: int, cols: int) -> dict[str, int]:
+    """Launch keywords of the kernel (one group's G x R rewards in one block), shared with
+    tests/kernels/test_compile.py."""
+    return {"BLOCK_G": next_pow2(group_size), "BLOCK_R": next_pow2(cols), "num_warps": 4}
+
+
 def group_advantages(
     rewards: torch.Tensor,
     group_size: int,
@@ -70,18 +76,23 @@ def group_advantages(
     weights: torch.Tensor | None = None,
     scale: str = "group",
     eps: float = 1e-4,
+    validate: bool | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Advantages (N,) fp32 and stats {reward_mean, reward_std, frac_zero_std}.
 
     rewards (N,) or (N, R); weights (R,) combine the R reward functions; NaN: the function
     does not apply, NaN in every column: unscorable (advantage 0, out of the group's stats).
     scale: "group" (r - mean) / (group std + eps), "batch" / (std of all scorable r + eps),
-    "none" r - mean.
+    "none" r - mean. validate: an infinite reward is a ValueError naming it (one host sync;
+    the reference always checks); None follows kernels.value_checks. Unchecked, the kernel
+    gives an infinite reward's group NaN advantages.
     """
     check_rewards(rewards, group_size, weights, scale)
     group_size = int(group_size)
     if weights is not None:
         weights = weights.to(device=rewards.device, dtype=torch.float32)
+    if checking(validate) and use_triton(rewards):
+        reference.check_rewards_finite(rewards)
     if not use_triton(rewards):
         return reference.group_advantages_ref(
             rewards, group_size, weights=weights, scale=scale, eps=eps
@@ -107,7 +118,7 @@ def group_advantages(
         r2d, weights if weights is not None else group_std, batch_std, adv, group_mean,
         group_std, group_count, group_size, r2d.shape[1], r2d.stride(0), r2d.stride(1),
         float(eps), HAS_WEIGHTS=weights is not None, SCALE=SCALE_MODES[scale],
-        BLOCK_G=next_pow2(group_size), BLOCK_R=next_pow2(r2d.shape[1]),
+        **launch_config(group_size, r2d.shape[1]),
     )
     zero_std = group_std <= 1e-8  # NaN (< 2 scorable) is not zero
     stats = {

@@ -23,7 +23,8 @@ computed alongside the loss:
   and a gradient pass follows: 3 passes over the logits in all.
 - No gradient needed: only the log-prob pass, which reads the logits once.
 
-Backward only multiplies the stored gradient by grad_output (skipped when it is 1). With
+Backward only multiplies the stored gradient by grad_output, in a kernel that reads
+grad_output on the device and returns at once when it is 1 (no host sync). With
 inplace=True the gradient overwrites the logits: no extra memory, but the logits are
 consumed; their autograd version counter is bumped, so autograd raises if anything saved
 them for its own backward.
@@ -47,6 +48,7 @@ from .logprobs import (
     LOG2E,
     _logp_entropy_grad_sweep,
     _lse_sweep,
+    _round_to,
     _zero_row,
     logprobs_backward,
     logprobs_forward,
@@ -56,11 +58,22 @@ from .loss_config import GRPOLossConfig, resolve
 _POLICY_KINDS = {"cispo": 1, "sapo": 2}  # everything else one pass takes is the PPO clip: 0
 
 
+@triton.jit
+def _min_nan(a, b):
+    """min that returns NaN when either side is NaN, as torch.min and torch.clamp do."""
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
 @triton.jit(do_not_specialize=["seq_len"])
 def _grpo_token_kernel(logits_ptr, grad_ptr, ids_ptr, adv_ptr, w_ptr, old_ptr, ref_ptr, isr_ptr,
                        loss_ptr, logp_ptr, kl_ptr, ent_ptr, clip_ptr,
                        seq_len, V, stride_b, stride_t, stride_gb, stride_gt,
-                       scale, inv_temp, beta, eps_low, eps_high, delta, ent_scale,
+                       scale, inv_temp, beta, eps_low, eps_high, delta, ent_scale_ptr,
                        tau_pos, tau_neg,
                        HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_ISR: tl.constexpr,
                        USE_DELTA: tl.constexpr, POLICY: tl.constexpr, BIAS_KL: tl.constexpr,
@@ -82,10 +95,11 @@ def _grpo_token_kernel(logits_ptr, grad_ptr, ids_ptr, adv_ptr, w_ptr, old_ptr, r
             ratio = tl.exp(logp - tl.load(old_ptr + row))
         else:
             ratio = tl.exp(logp - logp)  # on-policy: exactly 1, gradient still flows
-        # d ratio / d logp = ratio; dlogp accumulates d loss_token / d logp.
+        # d ratio / d logp = ratio; dlogp accumulates d loss_token / d logp. A NaN ratio (a
+        # NaN old_logp) propagates through every min and max, as in the reference.
         clip_low = ratio < 0.0  # never: set by the PPO clip only
         if POLICY == 1:  # cispo: -sg(min(r, eps_high)) A logp
-            capped = tl.minimum(ratio, eps_high)
+            capped = _min_nan(ratio, eps_high)
             loss = -capped * adv * logp
             dlogp = -capped * adv
             clip_high = (ratio > eps_high) & (adv > 0)
@@ -100,19 +114,20 @@ def _grpo_token_kernel(logits_ptr, grad_ptr, ids_ptr, adv_ptr, w_ptr, old_ptr, r
             hi = 1.0 + eps_high
             in_range = (ratio >= lo) & (ratio <= hi)
             if USE_DELTA:
-                coef = tl.minimum(ratio, delta)
+                coef = _min_nan(ratio, delta)
                 d1 = tl.where(ratio <= delta, -adv * ratio, 0.0)
             else:
                 coef = ratio
                 d1 = -adv * ratio
             term1 = coef * adv
-            term2 = tl.minimum(tl.maximum(ratio, lo), hi) * adv
+            term2 = _min_nan(_max_nan(ratio, lo), hi) * adv
             d2 = tl.where(in_range, -adv * ratio, 0.0)
-            loss = -tl.minimum(term1, term2)
+            loss = -_min_nan(term1, term2)
             # torch.min's gradient: to the smaller side, split evenly on a tie.
             dlogp = tl.where(term1 < term2, d1, tl.where(term1 > term2, d2, 0.5 * (d1 + d2)))
             clip_low = (coef < lo) & (adv < 0)
             clip_high = (coef > hi) & (adv > 0)
+        dlogp = tl.where(ratio != ratio, ratio, dlogp)  # a NaN ratio: a NaN gradient too
         if HAS_ISR:  # the sampler correction weighs the policy term, not the KL
             isr = tl.load(isr_ptr + row)
             loss = loss * isr
@@ -135,9 +150,12 @@ def _grpo_token_kernel(logits_ptr, grad_ptr, ids_ptr, adv_ptr, w_ptr, old_ptr, r
         tl.store(kl_ptr + row, kl)
         tl.store(ent_ptr + row, ent)
         tl.store(clip_ptr + row, clip_low.to(tl.int8) + 2 * clip_high.to(tl.int8))
-        _logp_entropy_grad_sweep(row_ptr, grad_row_ptr, idx, V, lse2, ent, w * dlogp,
-                                 -ent_scale, scale, inv_temp, BLOCK_V, ENTROPY_GRAD,
-                                 "evict_first")
+        if ENTROPY_GRAD:  # d loss / d entropy of each loss token, on the device (no sync)
+            h = -tl.load(ent_scale_ptr)
+        else:
+            h = 0.0
+        _logp_entropy_grad_sweep(row_ptr, grad_row_ptr, idx, V, lse2, ent, w * dlogp, h,
+                                 scale, inv_temp, BLOCK_V, ENTROPY_GRAD, "evict_first")
     else:
         tl.store(loss_ptr + row, 0.0)
         tl.store(logp_ptr + row, 0.0)
@@ -145,6 +163,27 @@ def _grpo_token_kernel(logits_ptr, grad_ptr, ids_ptr, adv_ptr, w_ptr, old_ptr, r
         tl.store(ent_ptr + row, 0.0)
         tl.store(clip_ptr + row, tl.full((), 0, tl.int8))
         _zero_row(grad_row_ptr, V, BLOCK_V)
+
+
+@triton.jit(do_not_specialize=["n_rows", "seq_len"])
+def _scale_rows_kernel(x_ptr, factor_ptr, n_rows, seq_len, C, stride_b, stride_t,
+                       ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """x[row] *= factor for ROWS rows of a (B, T, C) tensor per program, the product rounded
+    to x's dtype as torch's mul_ does. Every program reads the factor and returns at once
+    when it is 1 (autograd's seed of loss.backward()): the host never has to look at it."""
+    dtype = x_ptr.dtype.element_ty
+    factor = _round_to(tl.load(factor_ptr).to(tl.float32), dtype).to(tl.float32)
+    if factor != 1.0:
+        offs = tl.arange(0, BLOCK_C)
+        for r in range(0, ROWS):
+            row = tl.program_id(0).to(tl.int64) * ROWS + r
+            if row < n_rows:
+                row_ptr = x_ptr + (row // seq_len) * stride_b + (row % seq_len) * stride_t
+                for start in range(0, C, BLOCK_C):
+                    cols = start + offs
+                    x = tl.load(row_ptr + cols, mask=cols < C)
+                    tl.store(row_ptr + cols, _round_to(x.to(tl.float32) * factor, dtype),
+                             mask=cols < C)
 
 
 def _flat(t: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
@@ -161,11 +200,11 @@ def _token_level_fused(
     isr: torch.Tensor | None,
     grad: torch.Tensor,
     cfg: GRPOLossConfig,
-    ent_scale: float,
+    ent_scale: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Launch the one-pass kernel (cfg.one_pass must hold). ent_scale: d loss / d entropy of
-    each loss token (the entropy bonus). -> per-token loss without the bonus, logp, entropy
-    (B, T) and the stat terms."""
+    each loss token (the entropy bonus; a 0-dim tensor on the device, or None without the
+    bonus). -> per-token loss without the bonus, logp, entropy (B, T) and the stat terms."""
     batch, seq_len, vocab = logits.shape
     n_rows = batch * seq_len
     dev = logits.device
@@ -181,10 +220,11 @@ def _token_level_fused(
         seq_len, vocab, logits.stride(0), logits.stride(1), grad.stride(0), grad.stride(1),
         LOG2E / cfg.temperature, 1.0 / cfg.temperature, float(cfg.beta), float(cfg.eps_low),
         float(cfg.eps_high), float(cfg.delta) if cfg.delta is not None else 0.0,
-        float(ent_scale), float(cfg.sapo_temperature_pos), float(cfg.sapo_temperature_neg),
+        w if ent_scale is None else ent_scale.reshape(1), float(cfg.sapo_temperature_pos),
+        float(cfg.sapo_temperature_neg),
         HAS_OLD=old_logp is not None, HAS_REF=ref_logp is not None, HAS_ISR=isr is not None,
         USE_DELTA=cfg.delta is not None, POLICY=_POLICY_KINDS.get(cfg.loss_type, 0),
-        BIAS_KL=cfg.use_bias_correction_kl, ENTROPY_GRAD=ent_scale != 0.0, BLOCK_V=block,
+        BIAS_KL=cfg.use_bias_correction_kl, ENTROPY_GRAD=ent_scale is not None, BLOCK_V=block,
         num_warps=warps,
     )
     shape = (batch, seq_len)
@@ -193,12 +233,40 @@ def _token_level_fused(
     return per_token.view(shape), logp.view(shape), ent.view(shape), terms
 
 
-def entropy_scale(cfg: GRPOLossConfig, mask: torch.Tensor, accumulation_steps: int) -> float:
+SCALE_ROWS = 16  # rows per program of _scale_rows_kernel
+
+
+def scale_config(width: int, device: torch.device) -> dict[str, int]:
+    """Launch keywords of _scale_rows_kernel for rows of `width` elements (shared with
+    tests/kernels/test_compile.py)."""
+    block, warps = row_config(width, device)
+    return {"ROWS": SCALE_ROWS, "BLOCK_C": block, "num_warps": warps}
+
+
+def scale_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """x *= factor in place without a host sync: x (B, T, C) or (R, C) with unit stride on
+    C; factor a one-element tensor on x's device (a backward's grad_output)."""
+    x3 = x if x.dim() == 3 else x.unsqueeze(0)  # (1, R, C)
+    batch, seq_len, width = x3.shape
+    n_rows = batch * seq_len
+    if n_rows == 0 or width == 0:
+        return x
+    _scale_rows_kernel[(triton.cdiv(n_rows, SCALE_ROWS),)](
+        x3, factor.reshape(1), n_rows, seq_len, width, x3.stride(0), x3.stride(1),
+        **scale_config(width, x.device),
+    )
+    return x
+
+
+def entropy_scale(
+    cfg: GRPOLossConfig, mask: torch.Tensor, accumulation_steps: int
+) -> torch.Tensor | None:
     """d loss / d entropy of each loss token under TRL's entropy bonus (one-pass configs:
-    every loss token is in the bonus)."""
+    every loss token is in the bonus), as a 0-dim tensor on mask's device (no sync); None
+    without the bonus."""
     if cfg.entropy_coef == 0.0:
-        return 0.0
-    return cfg.entropy_coef / (max(float(mask.float().sum()), 1.0) * accumulation_steps)
+        return None
+    return cfg.entropy_coef / (mask.float().sum().clamp(min=1.0) * accumulation_steps)
 
 
 class _LossWithGrad(torch.autograd.Function):
@@ -218,9 +286,9 @@ class _LossWithGrad(torch.autograd.Function):
                 "pass; call grpo_loss again instead of retain_graph=True"
             )
         ctx.grad = None
-        if bool(grad_output != 1):  # one extra pass over the gradient only when scaled
-            grad.mul_(grad_output.to(grad.dtype))
-        return grad, None, None
+        # One extra pass over the gradient only when grad_output is not 1, decided on the
+        # device: no host sync.
+        return scale_(grad, grad_output), None, None
 
 
 def grpo_loss(
@@ -239,6 +307,7 @@ def grpo_loss(
     accumulation_steps: int = 1,
     aux_loss: torch.Tensor | None = None,
     inplace: bool = False,
+    validate: bool | None = None,
     **options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO loss (0-dim fp32, with gradient to logits) and stats (dict of 0-dim fp32).
@@ -251,6 +320,9 @@ def grpo_loss(
     Counts for the normalisers (see reference.aggregation_weights): num_items (tokens of the
     optimizer step), num_sequences (its sequences), accumulation_steps (its micro-batches).
     inplace=True writes the gradient over the logits (they must not be used afterwards).
+    validate: check the values (ids in [0, V); advantages, old_logp, ref_logp and
+    importance_sampling_ratio finite), one host sync; None follows kernels.value_checks.
+    Without it neither the call nor its backward synchronises the device.
     Stats: reference.stat_names(loss_type, importance_level), TRL's names and meanings.
     """
     cfg = resolve(config, options)
@@ -259,14 +331,15 @@ def grpo_loss(
             logits, ids, advantages, mask, old_logp, ref_logp, config=cfg,
             sampler_logp=sampler_logp, importance_sampling_ratio=importance_sampling_ratio,
             num_items=num_items, num_sequences=num_sequences,
-            accumulation_steps=accumulation_steps, inplace=inplace)
+            accumulation_steps=accumulation_steps, inplace=inplace, validate=validate)
         return reference.add_aux_loss(loss, stats, aux_loss, cfg, accumulation_steps)
     check_logits_ids(logits, ids)
     counts = dict(num_items=num_items, num_sequences=num_sequences,
                   accumulation_steps=accumulation_steps)
     check_loss_inputs(logits, ids, logits.shape[-1], advantages, mask, old_logp, ref_logp, cfg,
                       sampler_logp=sampler_logp,
-                      importance_sampling_ratio=importance_sampling_ratio, **counts)
+                      importance_sampling_ratio=importance_sampling_ratio, validate=validate,
+                      **counts)
     ref_logp = ref_logp if cfg.beta > 0 else None
     tensors = dict(sampler_logp=sampler_logp, importance_sampling_ratio=importance_sampling_ratio)
     if not use_triton(logits):
@@ -287,7 +360,9 @@ def grpo_loss(
             per_token, logp, ent, terms = _token_level_fused(
                 logits.detach(), ids, advantages, weights, old_logp, ref_logp,
                 importance_sampling_ratio, grad, cfg, ent_scale)
-            loss = (per_token * weights).sum() - ent_scale * (ent * mask.float()).sum()
+            loss = (per_token * weights).sum()
+            if ent_scale is not None:
+                loss = loss - ent_scale * (ent * mask.float()).sum()
         else:
             logp, lse2, ent = logprobs_forward(logits.detach(), ids, cfg.temperature, True)
             loss, terms, grad_logp, grad_ent = objective_from_logp(

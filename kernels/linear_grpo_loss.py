@@ -24,10 +24,11 @@ from ._checks import (
     check_logits_ids,
     check_loss_inputs,
     check_values,
+    checking,
     token_advantages,
     use_triton,
 )
-from .grpo_loss import _token_level_fused, entropy_scale, objective_from_logp
+from .grpo_loss import _token_level_fused, entropy_scale, objective_from_logp, scale_
 from .logprobs import logprobs_backward, logprobs_forward
 from .loss_config import GRPOLossConfig, resolve
 
@@ -69,13 +70,15 @@ def token_logprobs_from_hidden(
     return_entropy: bool = False,
     chunk_size: int | None = None,
     logits_fp32: bool = False,
+    validate: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log p(ids) (B, T) fp32 [and entropy] under softmax(hidden @ weight.T / temperature),
-    one chunk of logits at a time; no gradient."""
+    one chunk of logits at a time; no gradient. validate: as token_logprobs."""
     _check(hidden, weight, ids)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    check_values(ids, weight.shape[0], {})
+    if checking(validate):
+        check_values(ids, weight.shape[0])
     batch, seq_len, width = hidden.shape
     flat_h, flat_ids = hidden.reshape(-1, width), ids.reshape(-1)
     step = _chunk_rows(flat_h.shape[0], weight.shape[0], hidden.device, chunk_size)
@@ -112,9 +115,10 @@ class _LossWithGrads(torch.autograd.Function):
                                "computed once, in the forward pass")
         d_hidden, d_weight = ctx.grads
         ctx.grads = None
-        if bool(grad_output != 1):
-            d_hidden = None if d_hidden is None else d_hidden * grad_output.to(d_hidden.dtype)
-            d_weight = None if d_weight is None else d_weight * grad_output.to(d_weight.dtype)
+        # In place, and only when grad_output is not 1, decided on the device: no host sync.
+        for grad in (d_hidden, d_weight):
+            if grad is not None:
+                scale_(grad, grad_output)
         return d_hidden, d_weight, None, None, None
 
 
@@ -137,12 +141,13 @@ def linear_grpo_loss(
     inplace: bool = True,
     chunk_size: int | None = None,
     logits_fp32: bool = False,
+    validate: bool | None = None,
     **options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """grpo_loss on hidden @ weight.T without materialising the logits: (loss, stats), with
-    gradients to hidden and weight. Same options and counts as grpo_loss; `inplace` is
-    accepted for parity (chunks are always reused in place); `logits_fp32` computes the
-    lm_head in fp32."""
+    gradients to hidden and weight. Same options, counts and `validate` as grpo_loss;
+    `inplace` is accepted for parity (chunks are always reused in place); `logits_fp32`
+    computes the lm_head in fp32."""
     del inplace
     cfg = resolve(config, options)
     if aux_loss is not None:  # the router's loss joins after the kernels' part
@@ -151,14 +156,15 @@ def linear_grpo_loss(
             sampler_logp=sampler_logp, importance_sampling_ratio=importance_sampling_ratio,
             num_items=num_items, num_sequences=num_sequences,
             accumulation_steps=accumulation_steps, chunk_size=chunk_size,
-            logits_fp32=logits_fp32)
+            logits_fp32=logits_fp32, validate=validate)
         return reference.add_aux_loss(loss, stats, aux_loss, cfg, accumulation_steps)
     _check(hidden, weight, ids)
     counts = dict(num_items=num_items, num_sequences=num_sequences,
                   accumulation_steps=accumulation_steps)
     check_loss_inputs(hidden, ids, weight.shape[0], advantages, mask, old_logp, ref_logp, cfg,
                       sampler_logp=sampler_logp,
-                      importance_sampling_ratio=importance_sampling_ratio, **counts)
+                      importance_sampling_ratio=importance_sampling_ratio, validate=validate,
+                      **counts)
     ref_logp = ref_logp if cfg.beta > 0 else None
     tensors = dict(sampler_logp=sampler_logp, importance_sampling_ratio=importance_sampling_ratio)
     if not use_triton(hidden):
@@ -212,7 +218,9 @@ def linear_grpo_loss(
             terms = {k: torch.cat([o[3][k] for o in outs]).view(batch, seq_len)
                      for k in ("kl", "clip_low", "clip_high")}
             terms["phi"] = None
-            loss = (per_token * weights).sum() - ent_scale * (ent * mask.float()).sum()
+            loss = (per_token * weights).sum()
+            if ent_scale is not None:
+                loss = loss - ent_scale * (ent * mask.float()).sum()
         else:
             firsts = [logprobs_forward(_logits(flat_h[rows], w_det, logits_fp32)[:, None],
                                        flat_ids[rows], cfg.temperature, True) for rows in chunks]

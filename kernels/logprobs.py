@@ -21,7 +21,14 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._checks import INTERPRET, check_logits_ids, check_values, row_config, use_triton
+from ._checks import (
+    INTERPRET,
+    check_logits_ids,
+    check_values,
+    checking,
+    row_config,
+    use_triton,
+)
 
 _EMULATE_BF16_ROUNDING = tl.constexpr(INTERPRET)
 LOG2E = math.log2(math.e)
@@ -193,17 +200,20 @@ def token_logprobs(
     *,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    validate: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log p(ids) under softmax(logits / temperature), fp32 (B, T); no gradient.
 
     logits (B, T, V) float with unit stride on V; ids (B, T) integer in [0, V).
     With return_entropy=True also returns the entropy of each row's distribution (B, T).
     Used for old-policy and reference log-probs: one read of the logits per row.
+    validate: check the ids' values (a host sync); None follows kernels.value_checks.
     """
     check_logits_ids(logits, ids)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    check_values(ids, logits.shape[-1], {})
+    if checking(validate):
+        check_values(ids, logits.shape[-1])
     if not use_triton(logits):
         return reference.token_logprobs_ref(
             logits, ids, temperature=temperature, return_entropy=return_entropy

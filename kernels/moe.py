@@ -31,6 +31,13 @@ so no (P, H) copy of the activations is ever made):
     _rows_scatter_kernel   tiles x H-blocks: per-pair d_pre_r @ gate_up[e] into (N, k, H)
                            fp32; d_hidden = sum over k (deterministic)
 
+Addressing: the GEMM main loops keep only 1-D bases across iterations (the gathered rows'
+pointers, an expert's base pointer and its int32 column offsets: one expert's matrices hold
+< 2^31 elements, checked at the call) and add each step's k offsets at the load; a 2-D tensor
+of 64-bit pointers carried through the loop costs the registers the accumulators need. The
+launch configurations (launch_configs) keep every kernel spill-free for sm_90, checked by
+tests/kernels/test_compile.py with ptxas.
+
 Saved for backward: pre (P, 2I) in the input dtype plus the routing (order, expert bounds, the
 tile schedule). act is not kept: the backward kernels recompute it from pre. There are no
 atomics: every output element is written by exactly one program, so runs are bit-identical.
@@ -43,7 +50,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._checks import FLOAT_DTYPES, INTERPRET, use_triton
+from ._checks import FLOAT_DTYPES, INTERPRET, checking, use_triton
 from .logprobs import _round_to
 
 # The interpreter's tl.dot multiplies bf16 operands as their raw uint16 bits: upcast there
@@ -94,25 +101,27 @@ def _gate_up_fwd_kernel(hidden_ptr, gate_up_ptr, order_ptr, tile_expert_ptr, til
     if e < 0:
         return
     rows, row_mask, pair = _tile_pairs(tile_row_ptr, end_ptr, order_ptr, tile, e, BLOCK_M)
-    tok = pair // TOPK
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < INTER
     ks = tl.arange(0, BLOCK_K)
-    a_ptrs = hidden_ptr + tok[:, None] * H + ks[None, :]  # (BLOCK_M, BLOCK_K), gathered rows
+    # Loop-invariant 1-D bases; each step adds its k offsets (module docstring: Addressing).
+    a_rows = hidden_ptr + (pair // TOPK) * H  # (BLOCK_M,): the gathered token rows
     # gate_up[e] is (2I, H): the B operand (BLOCK_K, BLOCK_N) reads it transposed.
-    g_ptrs = gate_up_ptr + e.to(tl.int64) * 2 * INTER * H + cols[None, :] * H + ks[:, None]
+    w_e = gate_up_ptr + e.to(tl.int64) * 2 * INTER * H
+    b_cols = cols * H  # int32 offsets inside one expert
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, H, BLOCK_K):
-        k_mask = (k0 + ks) < H
-        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        kk = k0 + ks
+        k_mask = kk < H
+        a = tl.load(a_rows[:, None] + kk[None, :], mask=row_mask[:, None] & k_mask[None, :],
+                    other=0.0)
         b_mask = k_mask[:, None] & col_mask[None, :]
-        bg = tl.load(g_ptrs, mask=b_mask, other=0.0)
-        bu = tl.load(g_ptrs + INTER * H, mask=b_mask, other=0.0)
+        b_offs = b_cols[None, :] + kk[:, None]
+        bg = tl.load(w_e + b_offs, mask=b_mask, other=0.0)
+        bu = tl.load(w_e + (b_offs + INTER * H), mask=b_mask, other=0.0)
         acc_g = _dot(a, bg, acc_g, DOT_PRECISION)
         acc_u = _dot(a, bu, acc_u, DOT_PRECISION)
-        a_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K
     mask = row_mask[:, None] & col_mask[None, :]
     dtype = pre_ptr.dtype.element_ty
     pre_ptrs = pre_ptr + rows[:, None] * (2 * INTER) + cols[None, :]
@@ -138,17 +147,18 @@ def _rows_scatter_kernel(a_ptr, w_ptr, order_ptr, weights_ptr, tile_expert_ptr, 
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     ks = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows[:, None] * K + ks[None, :]
-    b_ptrs = (w_ptr + e.to(tl.int64) * stride_we + ks[:, None] * stride_wk
-              + cols[None, :] * stride_wn)
+    a_rows = a_ptr + rows * K  # (BLOCK_M,)
+    w_e = w_ptr + e.to(tl.int64) * stride_we  # W[e]; offsets inside one expert fit in int32
+    b_cols = cols * stride_wn  # (BLOCK_N,)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k_mask = (k0 + ks) < K
-        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        kk = k0 + ks
+        k_mask = kk < K
+        a = tl.load(a_rows[:, None] + kk[None, :], mask=row_mask[:, None] & k_mask[None, :],
+                    other=0.0)
+        b = tl.load(w_e + (b_cols[None, :] + (kk * stride_wk)[:, None]),
+                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         acc = _dot(a, b, acc, DOT_PRECISION)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * stride_wk
     if SCALE:
         acc *= tl.load(weights_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)[:, None]
     out = _round_to(acc, out_ptr.dtype.element_ty)
@@ -169,34 +179,32 @@ def _act_bwd_kernel(grad_ptr, down_ptr, pre_ptr, order_ptr, weights_ptr, tile_ex
         return
     pid_n = tl.program_id(1)
     rows, row_mask, pair = _tile_pairs(tile_row_ptr, end_ptr, order_ptr, tile, e, BLOCK_M)
-    tok = pair // TOPK
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < INTER
     ks = tl.arange(0, BLOCK_K)
-    a_ptrs = grad_ptr + tok[:, None] * H + ks[None, :]
-    b_ptrs = down_ptr + e.to(tl.int64) * H * INTER + ks[:, None] * INTER + cols[None, :]
+    a_rows = grad_ptr + (pair // TOPK) * H  # (BLOCK_M,)
+    w_e = down_ptr + e.to(tl.int64) * H * INTER  # down[e]; int32 offsets inside it
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, H, BLOCK_K):
-        k_mask = (k0 + ks) < H
-        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        kk = k0 + ks
+        k_mask = kk < H
+        a = tl.load(a_rows[:, None] + kk[None, :], mask=row_mask[:, None] & k_mask[None, :],
+                    other=0.0)
+        b = tl.load(w_e + (cols[None, :] + (kk * INTER)[:, None]),
+                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         acc = _dot(a, b, acc, DOT_PRECISION)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * INTER
     mask = row_mask[:, None] & col_mask[None, :]
-    pre_ptrs = pre_ptr + rows[:, None] * (2 * INTER) + cols[None, :]
-    g = tl.load(pre_ptrs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(pre_ptrs + INTER, mask=mask, other=0.0).to(tl.float32)
+    offs = rows[:, None] * (2 * INTER) + cols[None, :]  # pre and d_pre share the (P, 2I) layout
+    g = tl.load(pre_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(pre_ptr + offs + INTER, mask=mask, other=0.0).to(tl.float32)
     sig = _sigmoid(g)
     silu = g * sig
     tl.store(dw_part_ptr + rows * N_BLOCKS + pid_n, tl.sum(acc * silu * u, 1), mask=row_mask)
     d_act = acc * tl.load(weights_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)[:, None]
-    d_gate = d_act * u * sig * (1.0 + g * (1.0 - sig))
-    d_up = d_act * silu
     dtype = d_pre_ptr.dtype.element_ty
-    d_ptrs = d_pre_ptr + rows[:, None] * (2 * INTER) + cols[None, :]
-    tl.store(d_ptrs, _round_to(d_gate, dtype), mask=mask)
-    tl.store(d_ptrs + INTER, _round_to(d_up, dtype), mask=mask)
+    tl.store(d_pre_ptr + offs + INTER, _round_to(d_act * silu, dtype), mask=mask)
+    tl.store(d_pre_ptr + offs, _round_to(d_act * u * sig * (1.0 + g * (1.0 - sig)), dtype),
+             mask=mask)
 
 
 @triton.jit
@@ -260,36 +268,50 @@ def _gate_up_bwd_kernel(d_pre_ptr, hidden_ptr, order_ptr, start_ptr, end_ptr, d_
 # ----------------------------------------------------------------------------- launchers
 
 
-def _config(device: torch.device, dtype: torch.dtype) -> dict[str, dict[str, int]]:
-    """Block sizes per kernel family: "rows" (row-tiled grouped GEMMs; its BLOCK_M is the
-    tile height of the schedule), "gate_up" (two accumulators) and "wgrad" (per-expert
-    weight gradients, BLOCK_K rows per step)."""
-    if device.type != "cuda":  # interpreter: the smallest tl.dot tiles, few wasted lanes
-        small = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4}
-        return {"rows": small, "gate_up": small, "wgrad": small}
-    bk = 32 if dtype == torch.float32 else 64
-    return {
-        "rows": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": bk, "num_warps": 4, "num_stages": 3},
-        "gate_up": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": bk, "num_warps": 4,
-                    "num_stages": 3},
-        "wgrad": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": bk, "num_warps": 8,
-                  "num_stages": 3},
-    }
+ROW_TILED = ("gate_up_fwd", "rows_scatter", "act_bwd")  # share the schedule's BLOCK_M
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
+def launch_configs(device: torch.device, dtype: torch.dtype) -> dict[str, dict]:
+    """The launch keywords of each kernel (block sizes, DOT_PRECISION, num_warps, num_stages),
+    by kernel name without the _kernel suffix. The row-tiled kernels (ROW_TILED) share
+    BLOCK_M, the tile height of the routing schedule. tests/kernels/test_compile.py compiles
+    every kernel for sm_90 at these CUDA configurations and fails on a register spill."""
     # fp32 inputs follow the fp32 reference exactly (no TF32); 16-bit inputs ignore this.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    prec = "ieee" if dtype == torch.float32 else "tf32"
+    if device.type != "cuda":  # interpreter: the smallest tl.dot tiles, few wasted lanes
+        small = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4,
+                 "DOT_PRECISION": prec}
+        return {name: dict(small) for name in (*ROW_TILED, "down_bwd", "gate_up_bwd")}
+    # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages), 8 warps each, chosen with ptxas for sm_90 so that
+    # no kernel spills, also for widths that are not multiples of 16 (no vectorised loads,
+    # one address per element) and with triton 3.6's ptxas: docs/kernels.md, "Registers".
+    # fp32 (ieee dot, no tensor cores) holds its operands in registers: narrower tiles, and
+    # one stage for down_bwd, where triton 3.6's ptxas otherwise fell to 32 registers and
+    # spilled 9.6 KB.
+    if dtype == torch.float32:
+        cfg = {"gate_up_fwd": (64, 64, 32, 3), "rows_scatter": (64, 64, 32, 3),
+               "act_bwd": (64, 64, 32, 3), "down_bwd": (128, 128, 32, 1),
+               "gate_up_bwd": (128, 128, 32, 3)}
+    else:
+        cfg = {"gate_up_fwd": (64, 64, 64, 3), "rows_scatter": (64, 128, 32, 3),
+               "act_bwd": (64, 64, 64, 3), "down_bwd": (128, 128, 32, 3),
+               "gate_up_bwd": (128, 128, 64, 3)}
+    return {name: {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "num_warps": 8,
+                   "num_stages": stages, "DOT_PRECISION": prec}
+            for name, (m, n, k, stages) in cfg.items()}
 
 
 def _route(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> dict[str, torch.Tensor]:
     """Sort the pairs by expert and build the tile schedule, all on device, no host sync."""
     flat = topk_ids.reshape(-1)
     pairs = flat.numel()
-    _, order = torch.sort(flat, stable=True)  # order[r] = pair at sorted row r
-    counts = torch.bincount(flat, minlength=num_experts)  # (E,)
-    end = torch.cumsum(counts, 0)
-    start = end - counts
+    sorted_ids, order = torch.sort(flat, stable=True)  # order[r] = pair at sorted row r
+    # Each expert's rows [start, end) by binary search in the sorted ids: no atomics, and no
+    # bincount, whose CUDA version reads the ids' maximum on the host.
+    experts = torch.arange(num_experts, device=flat.device, dtype=sorted_ids.dtype)
+    start = torch.searchsorted(sorted_ids, experts)
+    end = torch.searchsorted(sorted_ids, experts, right=True)
+    counts = end - start
     tiles = (counts + block_m - 1) // block_m
     tile_end = torch.cumsum(tiles, 0)
     max_tiles = triton.cdiv(pairs, block_m) + min(num_experts, pairs)
@@ -305,12 +327,12 @@ def _route(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> dict[str, 
     }
 
 
-def _launch_rows_scatter(a, w, route, weights, out, k_dim, n_dim, strides, scale, cfg, prec):
-    c = cfg["rows"]
+def _launch_rows_scatter(a, w, route, weights, out, k_dim, n_dim, strides, scale, cfg):
+    c = cfg["rows_scatter"]
     grid = (route["tile_expert"].numel(), triton.cdiv(n_dim, c["BLOCK_N"]))
     _rows_scatter_kernel[grid](
         a, w, route["order"], weights, route["tile_expert"], route["tile_row"], route["end"],
-        out, k_dim, n_dim, *strides, SCALE=scale, DOT_PRECISION=prec, **c,
+        out, k_dim, n_dim, *strides, SCALE=scale, **c,
     )
 
 
@@ -321,22 +343,21 @@ def moe_forward(hidden, gate_up, down, topk_ids, weights):
     inter = two_i // 2
     topk = topk_ids.shape[1]
     pairs = n * topk
-    cfg = _config(hidden.device, hidden.dtype)
-    prec = _dot_precision(hidden.dtype)
-    route = _route(topk_ids, num_experts, cfg["rows"]["BLOCK_M"])
+    cfg = launch_configs(hidden.device, hidden.dtype)
+    route = _route(topk_ids, num_experts, cfg["gate_up_fwd"]["BLOCK_M"])
     n_tiles = route["tile_expert"].numel()
     pre = torch.empty(pairs, two_i, device=hidden.device, dtype=hidden.dtype)
     act = torch.empty(pairs, inter, device=hidden.device, dtype=hidden.dtype)
-    c = dict(cfg["gate_up"], BLOCK_M=cfg["rows"]["BLOCK_M"])
+    c = cfg["gate_up_fwd"]
     _gate_up_fwd_kernel[(n_tiles, triton.cdiv(inter, c["BLOCK_N"]))](
         hidden, gate_up, route["order"], route["tile_expert"], route["tile_row"], route["end"],
-        pre, act, h, inter, topk, DOT_PRECISION=prec, **c,
+        pre, act, h, inter, topk, **c,
     )
     # Per-pair rows in the input dtype (half the memory of fp32); the k-sum is done in fp32.
     y = torch.empty(n, topk, h, device=hidden.device, dtype=hidden.dtype)
     # down[e] is (H, I): B[kk over I, n over H] = down[e, n, kk].
     _launch_rows_scatter(act, down, route, weights, y, inter, h, (h * inter, 1, inter), True,
-                         cfg, prec)
+                         cfg)
     return y.sum(1, dtype=torch.float32).to(hidden.dtype), pre, route
 
 
@@ -348,19 +369,18 @@ def moe_backward(grad_out, hidden, gate_up, down, weights, pre, route, needs):
     inter = two_i // 2
     topk = weights.shape[1]
     pairs = n * topk
-    cfg = _config(hidden.device, hidden.dtype)
-    prec = _dot_precision(hidden.dtype)
+    cfg = launch_configs(hidden.device, hidden.dtype)
     grad = grad_out.to(hidden.dtype).contiguous()
     d_hidden = d_gate_up = d_down = d_weights = None
 
     if needs[0] or needs[1] or needs[3]:
-        c = cfg["rows"]
+        c = cfg["act_bwd"]
         n_blocks = triton.cdiv(inter, c["BLOCK_N"])
         d_pre = torch.empty(pairs, two_i, device=hidden.device, dtype=hidden.dtype)
         dw_part = torch.empty(pairs, n_blocks, device=hidden.device, dtype=torch.float32)
         _act_bwd_kernel[(route["tile_expert"].numel(), n_blocks)](
             grad, down, pre, route["order"], weights, route["tile_expert"], route["tile_row"],
-            route["end"], d_pre, dw_part, h, inter, topk, n_blocks, DOT_PRECISION=prec, **c,
+            route["end"], d_pre, dw_part, h, inter, topk, n_blocks, **c,
         )
         if needs[3]:
             dw = torch.empty(pairs, device=hidden.device, dtype=torch.float32)
@@ -371,23 +391,23 @@ def moe_backward(grad_out, hidden, gate_up, down, weights, pre, route, needs):
             dh = torch.empty(n, topk, h, device=hidden.device, dtype=torch.float32)
             # gate_up[e] is (2I, H): B[kk over 2I, n over H] = gate_up[e, kk, n].
             _launch_rows_scatter(d_pre, gate_up, route, weights, dh, two_i, h,
-                                 (two_i * h, h, 1), False, cfg, prec)
+                                 (two_i * h, h, 1), False, cfg)
             d_hidden = dh.sum(1, dtype=torch.float32).to(hidden.dtype)
         if needs[1]:
-            c = cfg["wgrad"]
+            c = cfg["gate_up_bwd"]
             d_gate_up = torch.empty_like(gate_up)
             grid = (num_experts, triton.cdiv(two_i, c["BLOCK_M"]), triton.cdiv(h, c["BLOCK_N"]))
             _gate_up_bwd_kernel[grid](
                 d_pre, hidden, route["order"], route["start"], route["end"], d_gate_up,
-                h, inter, topk, DOT_PRECISION=prec, **c,
+                h, inter, topk, **c,
             )
     if needs[2]:
-        c = cfg["wgrad"]
+        c = cfg["down_bwd"]
         d_down = torch.empty_like(down)
         grid = (num_experts, triton.cdiv(h, c["BLOCK_M"]), triton.cdiv(inter, c["BLOCK_N"]))
         _down_bwd_kernel[grid](
             grad, pre, route["order"], weights, route["start"], route["end"], d_down,
-            h, inter, topk, DOT_PRECISION=prec, **c,
+            h, inter, topk, **c,
         )
     return d_hidden, d_gate_up, d_down, d_weights
 
@@ -421,7 +441,7 @@ class _MoEExperts(torch.autograd.Function):
 # ----------------------------------------------------------------------------- public
 
 
-def _check_moe(hidden, gate_up, down, topk_ids, topk_weights) -> None:
+def _check_moe(hidden, gate_up, down, topk_ids, topk_weights, values: bool) -> None:
     tensors = {"hidden": hidden, "gate_up": gate_up, "down": down, "topk_ids": topk_ids,
                "topk_weights": topk_weights}
     for name, t in tensors.items():
@@ -457,7 +477,7 @@ def _check_moe(hidden, gate_up, down, topk_ids, topk_weights) -> None:
         if t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but hidden on {hidden.device}")
     # One host sync for the value check.
-    if bool(((topk_ids < 0) | (topk_ids >= num_experts)).any()):
+    if values and bool(((topk_ids < 0) | (topk_ids >= num_experts)).any()):
         lo, hi = int(topk_ids.min()), int(topk_ids.max())
         raise ValueError(f"topk_ids must lie in [0, E) = [0, {num_experts}), "
                          f"got values in [{lo}, {hi}]")
@@ -469,16 +489,22 @@ def moe_experts(
     down: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
+    *,
+    validate: bool | None = None,
 ) -> torch.Tensor:
     """Routed SwiGLU experts: sum_j w[n, j] * down[e] @ (silu(gate[e] h_n) * up[e] h_n).
 
     hidden (N, H); gate_up (E, 2I, H) with gate rows first; down (E, H, I), all one float
     dtype; topk_ids (N, k) integer in [0, E); topk_weights (N, k) float. -> (N, H) in
     hidden's dtype, accumulated in fp32. Differentiable in hidden, gate_up, down and
-    topk_weights; deterministic (no atomics).
+    topk_weights; deterministic (no atomics). validate: check that the ids lie in [0, E)
+    (one host sync); None follows kernels.value_checks.
     """
-    _check_moe(hidden, gate_up, down, topk_ids, topk_weights)
+    _check_moe(hidden, gate_up, down, topk_ids, topk_weights, checking(validate))
     if not use_triton(hidden):
         return reference.moe_experts_ref(hidden, gate_up, down, topk_ids, topk_weights)
+    if gate_up[0].numel() >= 2**31:
+        raise ValueError(f"one expert's gate_up holds {gate_up[0].numel()} elements: the "
+                         f"kernels index inside an expert with 32-bit offsets (< 2^31)")
     return _MoEExperts.apply(hidden.contiguous(), gate_up.contiguous(), down.contiguous(),
                              topk_weights, topk_ids.contiguous())

@@ -122,18 +122,21 @@ def aggregation_weights(
         return m / seqs
     if num_items is None:
         num_items = m.sum().clamp(min=1.0) * acc
-    return m / torch.as_tensor(num_items, dtype=torch.float32, device=m.device).clamp(min=1.0)
+    if isinstance(num_items, torch.Tensor):  # a count on the device: no host sync
+        return m / num_items.to(device=m.device, dtype=torch.float32).clamp(min=1.0)
+    return m / max(float(num_items), 1.0)
 
 
 def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
     """TRL's top_entropy_quantile (Beyond the 80/20 rule, arXiv:2506.01939): the loss tokens
     whose entropy is >= the (1 - quantile) quantile of the call's loss-token entropies
     (B, T) bool. quantile 0 keeps the highest-entropy token(s) only."""
-    tokens = entropy.detach().float()[mask.bool()]
-    if tokens.numel() == 0:
-        return torch.zeros_like(mask, dtype=torch.bool)
-    threshold = torch.quantile(tokens, 1.0 - quantile)
-    return ((entropy.detach().float() * mask.float()) >= threshold) & mask.bool()
+    ent = entropy.detach().float()
+    # nanquantile over the loss tokens (the others NaN): no boolean indexing, no host sync.
+    # No loss token: a NaN threshold, and no token passes it.
+    tokens = torch.where(mask.bool(), ent, float("nan")).reshape(-1)
+    threshold = torch.nanquantile(tokens, 1.0 - quantile)
+    return ((ent * mask.float()) >= threshold) & mask.bool()
 
 
 def off_policy_mask(
@@ -329,10 +332,13 @@ def grpo_stats(
                 stats[f"clip_ratio/{name}_mean_tokens"] = masked_mean(flags.float().expand_as(m), m)
         per_seq = [f.float().squeeze(-1) if f.shape[-1] == 1 else
                    (f.float() * m).sum(-1) / m.sum(-1) for f in (low, high)]
-        lows, highs = (p[~p.isnan()] for p in per_seq)
-        nan = torch.tensor(float("nan"), device=m.device)
-        stats["clip_ratio/low_min"] = lows.min() if lows.numel() else nan
-        stats["clip_ratio/high_max"] = highs.max() if highs.numel() else nan
+        # The extremes over sequences with loss tokens (NaN share: none), NaN if there is no
+        # such sequence; computed without boolean indexing (no host sync).
+        lows, highs = per_seq
+        low_min = torch.where(lows.isnan(), float("inf"), lows).amin()
+        high_max = torch.where(highs.isnan(), float("-inf"), highs).amax()
+        stats["clip_ratio/low_min"] = torch.where(low_min.isinf(), float("nan"), low_min)
+        stats["clip_ratio/high_max"] = torch.where(high_max.isinf(), float("nan"), high_max)
     elif cfg.loss_type == "cispo":
         stats["cispo_clip_ratio"] = _share(high, m)
     elif cfg.loss_type == "vespo":
@@ -467,6 +473,19 @@ def nanstd(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> to
     return std if keepdim else std.reshape(()) if dim is None else std.squeeze(dim)
 
 
+def check_rewards_finite(rewards: torch.Tensor) -> None:
+    """A reward is a number or NaN (the reward function does not apply, TRL's None); an
+    infinite one has no advantage (its group's mean and std are inf or NaN): a ValueError
+    naming the first, by completion (row) and reward function (column). One host sync."""
+    r = rewards.float()
+    if rewards.is_floating_point() and bool(r.isinf().any()):
+        where = [int(i) for i in torch.nonzero(r.isinf())[0]]
+        column = f", reward function {where[1]}" if r.dim() == 2 else ""
+        raise ValueError(f"rewards must be finite or NaN (NaN: the reward function does not "
+                         f"apply): rewards{where} = {r[tuple(where)].item()} (completion "
+                         f"{where[0]}{column})")
+
+
 def group_advantages_ref(
     rewards: torch.Tensor,
     group_size: int,
@@ -486,11 +505,14 @@ def group_advantages_ref(
     "none": r - mean. NaN advantages become 0 (TRL's nan_to_num): unscorable completions, and
     groups with < 2 scorable completions ("group"; with "batch" and "none" r - mean is 0 there).
     Ours on top: a group whose scorable r are all equal (std <= 1e-8) gets exactly 0 (TRL:
-    about 0 / (std + eps)). Stats: reward_mean (mean of the scorable r, TRL's logged reward),
-    reward_std (mean over groups of the std used, NaN ones skipped: group std, or the batch std),
-    frac_zero_std (fraction of groups with group std <= 1e-8; a NaN std, < 2 scorable, is not
-    zero, as TRL's isclose; TRL's "batch" counts the batch std instead).
+    about 0 / (std + eps)), and an infinite reward is a ValueError (check_rewards_finite;
+    TRL's advantages would be NaN or huge). Stats: reward_mean (mean of the scorable r, TRL's
+    logged reward), reward_std (mean over groups of the std used, NaN ones skipped: group
+    std, or the batch std), frac_zero_std (fraction of groups with group std <= 1e-8; a NaN
+    std, < 2 scorable, is not zero, as TRL's isclose; TRL's "batch" counts the batch std
+    instead).
     """
+    check_rewards_finite(rewards)
     r = combine_rewards(rewards, weights, unscorable_nan=True)  # (N,)
     grouped = r.view(-1, group_size)  # (P, G)
     mean = grouped.nanmean(-1, keepdim=True)  # (P, 1)

@@ -357,6 +357,81 @@ def test_large_grid_and_no_recompile(device):
     assert counts[1] == counts[0], counts
 
 
+def _long_and_wide(device, dtype, batch, seq_len, vocab, hidden_size):
+    """grpo_loss (token level, beta 0.04, dapo, in place) and token_logprobs against the
+    reference on (batch, seq_len, vocab) logits; linear_grpo_loss too when hidden_size."""
+    from kernels import linear_grpo_loss, token_logprobs
+
+    gen = torch.Generator(device=device).manual_seed(seq_len)
+    logits = (torch.randn(batch, seq_len, vocab, device=device, generator=gen) * 2).to(dtype)
+    ids = torch.randint(0, vocab, (batch, seq_len), device=device, generator=gen)
+    mask = (torch.rand(batch, seq_len, device=device, generator=gen) > 0.1).float()
+    base = token_logprobs_ref(logits, ids)
+    inp = {"ids": ids, "adv": torch.randn(batch, device=device, generator=gen), "mask": mask,
+           "ref": base + 0.3 * torch.randn(base.shape, device=device, generator=gen)}
+    old = base + 0.3 * torch.randn(base.shape, device=device, generator=gen)
+    opts = dict(beta=0.04, loss_type="dapo")
+    x = logits.clone().requires_grad_()
+    loss, stats = grpo_loss(x, ids, inp["adv"], mask, old, inp["ref"], inplace=True, **opts)
+    loss.backward()
+    gold_loss, gold_stats, gold_grad = _run(grpo_loss_ref, logits.float(), inp, opts, old)
+    logp = token_logprobs(logits, ids)
+    gold_logp = token_logprobs_ref(logits.float(), ids)
+    if dtype == torch.float32:
+        assert_close(loss, gold_loss, "loss", rtol=1e-4)
+        assert_close(x.grad, gold_grad, "grad", rtol=1e-3, atol=1e-7)
+        assert_close(logp, gold_logp, "logp", rtol=1e-5, atol=1e-5)
+        for k in gold_stats:
+            assert_close(stats[k], gold_stats[k], f"stat {k}", rtol=1e-4)
+    else:
+        rl, rs, rg = _run(grpo_loss_ref, logits, inp, opts, old)
+        assert_within_ref_error(loss, gold_loss, rl, 1e-5, "loss")
+        assert_within_ref_error(x.grad.float(), gold_grad, rg.float(), 1e-7, "grad")
+        assert_within_ref_error(logp, gold_logp, token_logprobs_ref(logits, ids), 2e-5, "logp")
+        for k in gold_stats:
+            assert_within_ref_error(stats[k], gold_stats[k], rs[k], 1e-5, f"stat {k}")
+    if not hidden_size:
+        return
+    hidden = torch.randn(batch, seq_len, hidden_size, device=device, generator=gen).to(dtype)
+    weight = (torch.randn(vocab, hidden_size, device=device, generator=gen)
+              / hidden_size**0.5 * 3).to(dtype)
+
+    def run(fn, h, w):
+        h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+        out, _ = fn(h, w, ids, inp["adv"], mask, old, inp["ref"], **opts)
+        out.backward()
+        return out.detach(), h.grad.float(), w.grad.float()
+
+    def materialised(h, w, *args, **kw):
+        return grpo_loss_ref(h @ w.t(), *args, **kw)
+
+    ours = run(linear_grpo_loss, hidden, weight)
+    gold = run(materialised, hidden.float(), weight.float())
+    ref = run(materialised, hidden, weight)  # the reference's own error at this dtype
+    for o, g, r, name in zip(ours, gold, ref, ("linear loss", "d hidden", "d weight"),
+                             strict=True):
+        if dtype == torch.float32:
+            assert_close(o, g, name, rtol=1e-4, atol=1e-7)
+        else:
+            assert_within_ref_error(o, g, r, 1e-6, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("batch, seq_len, vocab, hidden_size",
+                         [(1, 131_072, 256, 0), (2, 48, 151_936, 64)])
+def test_gpu_long_rows_and_qwen_vocab(dtype, batch, seq_len, vocab, hidden_size):
+    """On CUDA at the sizes that matter: T = 131,072 rows in one call (no grid limit) and
+    Qwen's V = 151,936, bf16 and fp32."""
+    _long_and_wide("cuda", dtype, batch, seq_len, vocab, hidden_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_long_and_wide_small(device, dtype):
+    """The same checks at sizes the interpreter gets through (and that keep them honest)."""
+    _long_and_wide(device, dtype, 2, 40, 700, 24)
+
+
 def test_cases_cover_every_option():
     cases = _cases()
     for key in ("delta", "temperature", "entropy_coef", "dtype", "vocab", "inplace", "strided",

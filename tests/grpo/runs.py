@@ -1,0 +1,44 @@
+"""Real grpo-train processes for the tests that signal, kill or starve them: a small run's
+flags, starting one, waiting for its metrics, and the metrics that must agree across runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+SMALL_RUN = ["--steps", "6", "--sft-steps", "2", "--prompts-per-step", "2",
+             "--num-generations", "4", "--max-completion-length", "12", "--eval-size", "8",
+             "--micro-batch-size", "4", "--no-progress", "--rewards", "accuracy", "format",
+             "--no-dynamic-sampling", "--temperature", "1.0", "--device", "cpu"]
+
+
+def grpo_train(out, *flags, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
+    """grpo-train SMALL_RUN --output-dir out *flags, in the background; prefix: a command
+    that wraps it (unshare ...)."""
+    return subprocess.Popen([*prefix, sys.executable, "-m", "grpo.cli.train", *SMALL_RUN,
+                             "--output-dir", str(out), *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+
+def steps_done(metrics_file: Path) -> int:
+    return len(metrics_file.read_text().splitlines()) if metrics_file.is_file() else 0
+
+
+def interrupt_after(proc, metrics_file: Path, steps: int, signum: int) -> None:
+    """Send `signum` once the run has logged `steps` steps."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if steps_done(metrics_file) >= steps:
+            proc.send_signal(signum)
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run did not reach step {steps}: {proc.communicate()}")
+
+
+def comparable(line: dict) -> dict:
+    """A metrics line less its timings, which differ between any two runs."""
+    return {k: v for k, v in line.items() if not k.startswith(("seconds", "tokens_per_s"))}

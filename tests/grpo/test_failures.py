@@ -1,0 +1,278 @@
+"""What the commands do when something goes wrong: every case is one line on stderr (no
+traceback), a documented exit status, and no file of the user's deleted or overwritten.
+
+Resume checks against the saved config, a failed start that cleans up after itself, a full
+disk and a read-only directory (real ones: a small tmpfs and a read-only bind mount in a
+private mount namespace), bad files, the output rules of grpo-sft, grpo-sample and grpo-eval,
+and random SIGKILLs resumed to the metrics of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import grpo.cli.eval
+import grpo.cli.sample
+import grpo.cli.sft
+from grpo.cli.train import main
+from grpo.metrics import read_metrics
+from models import make_tiny
+
+from .runs import SMALL_RUN, comparable, grpo_train, steps_done
+
+FAST = ["--steps", "1", "--sft-steps", "1", "--prompts-per-step", "2", "--num-generations", "2",
+        "--max-completion-length", "8", "--eval-size", "4", "--micro-batch-size", "4",
+        "--no-progress", "--device", "cpu"]
+
+
+def _train(capsys, out, *flags) -> tuple[int, str]:
+    code = main([*FAST, "--output-dir", str(out), *flags])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file()}
+
+
+# --- resume ----------------------------------------------------------------------------------
+
+
+def test_resume_refuses_changed_flags_unless_overridden(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(capsys, out, "--beta", "0.04")[0] == 0
+    saved = (out / "config.json").read_text()
+    # The saved config is the resumed run's: --beta need not be repeated.
+    code, err = _train(capsys, out, "--resume", "--steps", "2", "--learning-rate", "1e-3")
+    assert code == 2
+    assert "steps: saved 1, now 2" in err and "learning_rate: saved" in err, err
+    assert "--resume-override steps learning_rate" in err
+    assert (out / "config.json").read_text() == saved
+    assert steps_done(out / "metrics.jsonl") == 1
+    code, err = _train(capsys, out, "--resume", "--steps", "2", "--resume-override", "steps")
+    assert code == 0, err
+    config = json.loads((out / "config.json").read_text())
+    assert config["optim"]["steps"] == 2 and config["loss"]["beta"] == 0.04  # what it runs
+    assert [m["step"] for m in read_metrics(out / "metrics.jsonl")] == [1, 2]
+    assert "kl" in read_metrics(out / "metrics.jsonl")[-1]  # beta 0.04 kept
+    code, err = _train(capsys, out, "--resume", "--resume-override", "stepz")
+    assert code == 2 and "resume_override: unknown fields ['stepz']" in err
+
+
+# --- a failed start --------------------------------------------------------------------------
+
+
+def test_a_failed_start_leaves_nothing_behind(tmp_path, capsys):
+    broken = make_tiny(tmp_path / "broken")
+    (broken / "config.json").write_text("{not json")
+    out = tmp_path / "run"
+    code, err = _train(capsys, out, "--model", str(broken))
+    assert code == 2 and f"{broken / 'config.json'}: not a JSON file" in err, err
+    assert not out.exists()  # the directory it created is gone again
+    # A directory that existed before keeps existing, empty as it was.
+    out.mkdir()
+    assert _train(capsys, out, "--model", str(broken))[0] == 2
+    assert out.is_dir() and not any(out.iterdir())
+    # An older failed start (config.json and the demo's init-model only) does not block a rerun.
+    (out / "config.json").write_text(json.dumps({"sampling": {}, "loss": {}, "run": {}}))
+    (out / "init-model").mkdir()
+    assert _train(capsys, out)[0] == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda(tmp_path, capsys):
+    code, err = _train(capsys, tmp_path / "run", "--device", "cuda")
+    assert code == 2 and "--device cuda: no CUDA device is available" in err
+    assert not (tmp_path / "run").exists()
+
+
+# --- bad files -------------------------------------------------------------------------------
+
+
+def test_bad_files_name_the_file_and_line(tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text('{"beta": 0.04,\n')
+    code, err = _train(capsys, tmp_path / "run", "--config", str(config))
+    assert code == 2 and f"config file {config}: not valid JSON" in err
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("beta: [0.04\n")
+    code, err = _train(capsys, tmp_path / "run", "--config", str(yaml_file))
+    assert code == 2 and f"config file {yaml_file}: not valid YAML" in err
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(b'{"prompt": "1+1", "answer": "2"}\n{"prompt": "\xff", "answer": "3"}\n')
+    code, err = _train(capsys, tmp_path / "run", "--data", str(data))
+    assert code == 2 and f"{data}:2: not UTF-8 text (byte 0xff at column 13)" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_checkpoint_without_trainer_state(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(capsys, out)[0] == 0
+    (out / "checkpoint" / "trainer_state.pt").unlink()
+    before = _tree(out)
+    code, err = _train(capsys, out, "--resume")
+    assert code == 2 and "incomplete checkpoint, missing trainer_state.pt" in err, err
+    assert _tree(out) == before
+
+
+def test_eval_rows_without_answer(tmp_path, capsys):
+    model = make_tiny(tmp_path / "m")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "1+1"}\n{"prompt": "2+2"}\n')
+    code = grpo.cli.eval.main(["--model", str(model), "--data", str(rows), "--reward", "format",
+                               "--samples", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{rows}:1: missing 'answer'" in err and "Traceback" not in err
+    assert not (model / "eval.json").exists()
+
+
+# --- a full disk and a read-only directory ---------------------------------------------------
+
+
+def _private_mounts() -> bool:
+    """unshare can give a process its own mount namespace here (root, or user namespaces)."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs none /mnt"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+needs_mounts = pytest.mark.skipif(
+    not _private_mounts(), reason="unshare cannot create a mount namespace on this machine"
+)
+
+
+def _in_namespace(mount: str, out: Path, *flags) -> subprocess.CompletedProcess:
+    """grpo-train SMALL_RUN in a private mount namespace where `mount` (a shell command)
+    prepared out's parent."""
+    script = f'{mount} && exec "$@"'
+    proc = grpo_train(out, *flags, prefix=("unshare", "-rm", "sh", "-c", script, "sh"))
+    stdout, stderr = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@needs_mounts
+@pytest.mark.parametrize("size, where", [("4m", "the cold start"), ("9m", "the checkpoint")])
+def test_a_full_disk_says_so(tmp_path, size, where):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    out = disk / "run"
+    done = _in_namespace(f"mount -t tmpfs -o size={size} none {disk}", out, "--steps", "2")
+    assert done.returncode == 1, (where, done.stderr)
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("grpo-train: error: cannot write: no space left on device"), last
+    assert "free some space, then rerun with --resume" in last and "Traceback" not in done.stderr
+
+
+@needs_mounts
+def test_a_read_only_output_dir(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "mine.txt").write_text("keep")
+    done = _in_namespace(f"mount --bind {ro} {ro} && mount -o remount,bind,ro {ro}", ro / "run")
+    assert done.returncode == 1, done.stderr
+    assert "read-only file system" in done.stderr and "choose a writable --output-dir" in (
+        done.stderr
+    )
+    assert "Traceback" not in done.stderr and [p.name for p in ro.iterdir()] == ["mine.txt"]
+
+
+# --- grpo-sft, grpo-sample and grpo-eval outputs ---------------------------------------------
+
+
+def test_sft_output_dir_rules(tmp_path, capsys):
+    project = tmp_path / "src"
+    project.mkdir()
+    (project / "main.py").write_text("print('mine')\n")
+    base = ["--task", "arithmetic", "--steps", "1", "--batch-size", "2", "--tiny-hidden", "16",
+            "--tiny-layers", "1"]
+    for extra in ([], ["--overwrite"]):
+        assert grpo.cli.sft.main([*base, "--output-dir", str(project), *extra]) == 2
+        assert "not a saved model (found main.py)" in capsys.readouterr().err
+    assert [p.name for p in project.iterdir()] == ["main.py"]
+    out = tmp_path / "student"
+    assert grpo.cli.sft.main([*base, "--output-dir", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "student"]  # no "-init" dir
+    first = _tree(out)
+    assert grpo.cli.sft.main([*base, "--output-dir", str(out), "--seed", "1"]) == 2
+    assert "holds a model; pass --overwrite" in capsys.readouterr().err
+    assert _tree(out) == first
+    assert grpo.cli.sft.main([*base, "--output-dir", str(out), "--seed", "1", "--overwrite"]) == 0
+    assert _tree(out) != first
+
+
+def test_sample_and_eval_outputs_are_not_overwritten(tmp_path, capsys):
+    model = make_tiny(tmp_path / "m")
+    common = ["--model", str(model), "--task-args", '{"operators": "+"}', "--samples", "1",
+              "--num-prompts", "2", "--max-completion-length", "4", "--no-progress"]
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    for extra in ([], ["--overwrite"]):
+        assert grpo.cli.sample.main([*common, "--keep", "all", "--output", str(notes),
+                                     *extra]) == 2
+        assert "is not a jsonl this command wrote" in capsys.readouterr().err
+        assert grpo.cli.eval.main([*common, "--output", str(notes), *extra]) == 2
+        assert "is not a report this command wrote" in capsys.readouterr().err
+    assert notes.read_text() == "my notes\n"
+    pairs, report = tmp_path / "pairs.jsonl", tmp_path / "report.json"
+    assert grpo.cli.sample.main([*common, "--keep", "all", "--output", str(pairs)]) == 0
+    assert grpo.cli.eval.main([*common, "--output", str(report)]) == 0
+    for command, path in ((grpo.cli.sample.main, pairs), (grpo.cli.eval.main, report)):
+        capsys.readouterr()
+        keep = ["--keep", "all"] if command is grpo.cli.sample.main else []
+        assert command([*common, *keep, "--output", str(path)]) == 2
+        assert "exists; pass --overwrite" in capsys.readouterr().err
+        assert command([*common, *keep, "--output", str(path), "--overwrite"]) == 0
+
+
+# --- SIGKILL at random moments ---------------------------------------------------------------
+
+
+def test_random_sigkills_resume_to_an_uninterrupted_run(tmp_path):
+    """Kill -9 a checkpointing run at random moments (during startup, steps and checkpoint
+    writes), restart it each time (--resume once it has a checkpoint, else the same command
+    again), and the finished run's metrics equal an uninterrupted one's."""
+    rng = random.Random(14)
+    whole = grpo_train(tmp_path / "whole", "--save-every", "1")
+    out = tmp_path / "run"
+
+    def restart() -> subprocess.Popen:
+        again = ["--resume"] if (out / "checkpoint").is_dir() else ["--overwrite"]
+        return grpo_train(out, "--save-every", "1", *again)
+
+    kills = 0
+    while kills < 3:
+        proc = restart()
+        # The first kill lands anywhere in the start-up; the others just after a step.
+        target = steps_done(out / "metrics.jsonl") + (0 if kills == 0 else rng.randint(1, 2))
+        deadline = time.monotonic() + 60
+        while steps_done(out / "metrics.jsonl") < target and proc.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(rng.uniform(1.5, 5.0) if kills == 0 else rng.uniform(0.0, 0.3))
+        if proc.poll() is not None:
+            break  # finished before the kill
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+    assert kills == 3
+    proc = restart()
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    _, err = whole.communicate(timeout=180)
+    assert whole.returncode == 0, err
+    a = [comparable(x) for x in read_metrics(out / "metrics.jsonl")]
+    b = [comparable(x) for x in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
+    assert [x["step"] for x in a] == list(range(1, int(SMALL_RUN[1]) + 1))
+    assert a == b, kills
