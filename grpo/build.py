@@ -1,13 +1,15 @@
 """Everything a GRPO run is made of, built from its config: `build_trainer(config)`.
 
-The order matters: the data first (a bad dataset fails before anything is written or loaded),
-then the run directory, the seed, the policy (sharded under torchrun), its routing replay,
-the rollout engine, the rewards and the optimizer. The frozen reference model is the
+The order matters: the data and the rewards first (a bad dataset, or a code reward without
+its sandbox, fails before anything is written or loaded), then the run directory, the seed,
+the policy (sharded under torchrun), its routing replay, the rollout engine and the
+optimizer. The frozen reference model is the
 cold-started policy, so it is loaded after the cold start by `load_reference`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -25,17 +27,28 @@ from models import load_model, make_tiny
 from models.layout import MOE_FAMILIES
 from models.routing_replay import RoutingReplay
 
+from . import code_reward as code_mod
 from . import data as data_mod
 from . import distributed as dist_mod
 from . import files
+from . import lora as lora_mod
 from . import rewards as rewards_mod
 from . import tasks as tasks_mod
 from .checkpoint import find_checkpoint
-from .config import DEMO_MODEL, GRPOConfig, is_demo
+from .config import (
+    DEMO_MODEL,
+    RESUME_FREE,
+    GRPOConfig,
+    is_demo,
+    read_run_config,
+    resume_mismatches,
+)
 from .files import atomic_write
 from .policy import PolicyForward
 from .rollout import SamplingParams, make_engine
+from .sandbox import Limits
 
+DEFAULT_EVAL_SIZE = 200  # held-out prompts of a task, and at most of a dataset
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -64,6 +77,7 @@ class TrainerParts:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     forward: PolicyForward
     loss_fn: Any  # kernels.grpo_loss or reference.grpo_loss_ref
+    lora: lora_mod.LoRASettings | None = None  # LoRA adapters (None: the full model)
 
 
 def build_trainer(config: GRPOConfig):
@@ -85,26 +99,35 @@ def build_parts(config: GRPOConfig) -> TrainerParts:
     device, dtype, compute_dtype = _device_and_dtypes(cfg, world)
     run_dir = Path(cfg.run.output_dir)
     task, eval_examples, stream = load_data(cfg)
-    prepare_run_dir(cfg, run_dir)
-    seed_everything(cfg.run.seed + rank)
-    loss_fn, logprobs_fn, fused = _select_kernels(cfg, device, world)
-    model, tokenizer = _load_policy(cfg, run_dir, dtype, device, compute_dtype, world)
-    replay = _routing_replay(cfg, model)
-    engine = _rollout_engine(cfg, model, tokenizer, replay, run_dir)
     reward_fns, reward_weights = _rewards(cfg, task)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.optim.learning_rate, weight_decay=cfg.optim.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))
-    forward = PolicyForward(
-        device=device,
-        micro_batch_size=cfg.optim.micro_batch_size,
-        temperature=cfg.sampling.temperature,
-        fused=fused,
-        logprobs_fn=logprobs_fn,
-        replay=replay,
-        router_aux_loss=cfg.loss.router_aux_loss_coef > 0,
-    )
+    lora_mod.check_resume(cfg, run_dir)  # a LoRA checkpoint for a full run, or the reverse
+    created = prepare_run_dir(cfg, run_dir)
+    try:
+        seed_everything(cfg.run.seed + rank)
+        loss_fn, logprobs_fn, fused = _select_kernels(cfg, device, world)
+        model, tokenizer = _load_policy(cfg, run_dir, dtype, device, compute_dtype, world)
+        replay = _routing_replay(cfg, model)
+        engine = _rollout_engine(cfg, model, tokenizer, replay, run_dir)
+        optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad],  # LoRA: the adapters only
+            lr=cfg.optim.learning_rate,
+            weight_decay=cfg.optim.weight_decay,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))
+        forward = PolicyForward(
+            device=device,
+            micro_batch_size=cfg.optim.micro_batch_size,
+            temperature=cfg.sampling.temperature,
+            fused=fused,
+            logprobs_fn=logprobs_fn,
+            replay=replay,
+            router_aux_loss=cfg.loss.router_aux_loss_coef > 0,
+            packing=_packing(cfg, model),
+            micro_batch_tokens=cfg.optim.micro_batch_tokens,
+        )
+    except BaseException:
+        undo_start(cfg, run_dir, created)
+        raise
     return TrainerParts(
         cfg,
         run_dir,
@@ -126,6 +149,7 @@ def build_parts(config: GRPOConfig) -> TrainerParts:
         scheduler,
         forward,
         loss_fn,
+        lora_mod.LoRASettings.from_config(cfg),
     )
 
 
@@ -173,15 +197,17 @@ def load_data(cfg: GRPOConfig):
     if d.data:
         needs_answer = "accuracy" in (d.rewards or ["accuracy"])
         examples = data_mod.load_jsonl(d.data, require_answer=needs_answer)
-        if d.eval_size >= len(examples):
+        # A small dataset holds out a fifth of itself unless told otherwise.
+        eval_size = d.eval_size or min(DEFAULT_EVAL_SIZE, max(1, len(examples) // 5))
+        if eval_size >= len(examples):
             raise ValueError(
                 f"{d.data} has {len(examples)} examples: not enough for "
-                f"eval_size={d.eval_size} plus training"
+                f"eval_size={eval_size} plus training"
             )
-        train, evals = data_mod.split_examples(examples, d.eval_size, seed)
+        train, evals = data_mod.split_examples(examples, eval_size, seed)
         return None, evals, data_mod.JsonlStream(train, seed)
     task = tasks_mod.make_task(d.task, **d.task_args)
-    evals, stream = data_mod.task_splits(task, seed, d.eval_size)
+    evals, stream = data_mod.task_splits(task, seed, d.eval_size or DEFAULT_EVAL_SIZE)
     return task, evals, stream
 
 
@@ -190,23 +216,47 @@ RUN_FILES = ("config.json", "metrics.jsonl", "curves.png", "summary.json")
 RUN_DIRS = ("checkpoint", "cold-start", "final", "init-model", "tensorboard")
 
 
-def prepare_run_dir(cfg: GRPOConfig, run_dir: Path) -> None:
+def prepare_run_dir(cfg: GRPOConfig, run_dir: Path) -> list[Path]:
     """Rank 0 checks and prepares the run directory; the others wait for its verdict. A run
     only ever deletes what a run of ours wrote: a directory that holds anything else (a model,
-    a project) is refused, naming what was found."""
-    error = None
+    a project) is refused, naming what was found. --resume refuses a config that differs from
+    the saved one except in cfg.run.resume_override's fields (config.json then records the
+    new values). Returns what was created (for `undo_start`)."""
+    error, created = None, []
     if dist_mod.is_main():
         error = _run_dir_error(cfg, run_dir)
-        if error is None:
-            if cfg.run.overwrite and not cfg.run.resume:
+        if error is None and cfg.run.resume:
+            saved = read_run_config(run_dir / "config.json") or {}
+            if any(saved.get(n, v) != v for n, v in cfg.flat().items() if n not in RESUME_FREE):
+                write_json(run_dir / "config.json", cfg.to_dict())
+        elif error is None:
+            if run_dir.is_dir() and (cfg.run.overwrite or _failed_start(run_dir)):
                 for name in RUN_FILES + RUN_DIRS:
                     files.remove(run_dir / name)
+            if not run_dir.exists():
+                created.append(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
-            if not cfg.run.resume:
-                write_json(run_dir / "config.json", cfg.to_dict())
+            write_json(run_dir / "config.json", cfg.to_dict())
+            created.append(run_dir / "config.json")
     error = dist_mod.broadcast_object(error)
     if error:
         raise ValueError(error)
+    return created
+
+
+def undo_start(cfg: GRPOConfig, run_dir: Path, created: list[Path]) -> None:
+    """After a start that failed before training: remove what prepare_run_dir created and the
+    demo's init-model, so the same command can simply be run again."""
+    if not dist_mod.is_main() or cfg.run.resume:
+        return
+    if created:
+        files.remove(run_dir / "init-model")
+    for path in reversed(created):
+        if path.is_dir():
+            with contextlib.suppress(OSError):  # not empty: something else is there now
+                path.rmdir()
+        else:
+            files.remove(path)
 
 
 def _run_dir_error(cfg: GRPOConfig, run_dir: Path) -> str | None:
@@ -215,7 +265,8 @@ def _run_dir_error(cfg: GRPOConfig, run_dir: Path) -> str | None:
     if not run_dir.is_dir() or not any(run_dir.iterdir()):
         return f"--resume: {run_dir} holds no run" if cfg.run.resume else None
     foreign = sorted(p.name for p in run_dir.iterdir() if not _ours(p.name))
-    if foreign or not _is_run_config(run_dir / "config.json"):
+    saved = read_run_config(run_dir / "config.json")
+    if foreign or saved is None:
         found = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
         return (
             f"--output-dir {run_dir} is not empty and not a grpo-train run directory "
@@ -225,13 +276,30 @@ def _run_dir_error(cfg: GRPOConfig, run_dir: Path) -> str | None:
     if cfg.run.resume:
         if find_checkpoint(run_dir) is None:
             return f"--resume: {run_dir} has no checkpoint to resume from"
+        mismatches = resume_mismatches(cfg, saved)
+        if mismatches:
+            names = " ".join(m.split(":")[0] for m in mismatches)
+            return (
+                f"--resume: the run in {run_dir} was started with other values: "
+                f"{'; '.join(mismatches)}. Resume with the saved values (drop these flags), or "
+                f"change them on purpose with --resume-override {names}"
+            )
         return None
-    if not cfg.run.overwrite:
+    if not cfg.run.overwrite and not _failed_start(run_dir):
         return (
             f"{run_dir} holds another run; pass --resume to continue it or --overwrite to "
             f"replace it"
         )
     return None
+
+
+def _failed_start(run_dir: Path) -> bool:
+    """A run directory whose run never trained (it stopped while loading, before any metrics
+    or checkpoint): nothing in it is worth keeping, so it may be reused without --overwrite."""
+    names = {p.name for p in run_dir.iterdir()}
+    if not names <= {"config.json", "init-model"}:
+        return False
+    return read_run_config(run_dir / "config.json") is not None
 
 
 def _ours(name: str) -> bool:
@@ -243,24 +311,18 @@ def _ours(name: str) -> bool:
     return hidden and name[1:].split(".tmp-")[0].split(".old-")[0] in known
 
 
-def _is_run_config(path: Path) -> bool:
-    """config.json as a run writes it (a model directory's config.json is not one)."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    # Nested sections, or the flat keys of runs written before the nested config.
-    return isinstance(value, dict) and (
-        {"sampling", "loss", "run"} <= set(value) or "num_generations" in value
-    )
-
-
 def write_json(path: Path, value: dict) -> None:
     atomic_write(path, json.dumps(value, indent=2, default=str))
 
 
 def _device_and_dtypes(cfg: GRPOConfig, world: int):
     m = cfg.model
+    if m.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"--device {m.device}: no CUDA device is available (torch {torch.__version__}, "
+            f"{'a CPU-only build' if torch.version.cuda is None else 'no GPU visible'}); use "
+            f"--device cpu or auto"
+        )
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if m.device == "auto" else m.device
     )
@@ -275,6 +337,17 @@ def _device_and_dtypes(cfg: GRPOConfig, world: int):
     if world > 1 and dtype != torch.float32:
         return device, torch.float32, dtype
     return device, dtype, None
+
+
+def _packing(cfg: GRPOConfig, model) -> bool:
+    """--packing / --no-packing; by default on with flash-attention (its varlen kernel skips
+    the other sequences) or a token budget. sdpa and eager get a dense block-diagonal mask over
+    the whole packed row, whose L^2 attention measured slower than padding on the CPU (README,
+    Packing)."""
+    if cfg.optim.packing is not None:
+        return bool(cfg.optim.packing)
+    attention = getattr(model.config, "_attn_implementation", "") or ""
+    return attention.startswith("flash") or cfg.optim.micro_batch_tokens > 0
 
 
 def _select_kernels(cfg: GRPOConfig, device: torch.device, world: int):
@@ -299,7 +372,12 @@ def _load_policy(cfg, run_dir, dtype, device, compute_dtype, world):
         # The built-in demo model: a small Qwen2 with the character tokenizer.
         make_tiny(path, **DEMO_MODEL, seed=cfg.run.seed)
     dist_mod.barrier()
+    # A resumed LoRA run's base is its merged cold start (the adapters apply to it).
+    path = lora_mod.resume_base(cfg, run_dir) or path
     model, tokenizer = load_model(path, dtype=dtype, device=device)
+    lora = lora_mod.LoRASettings.from_config(cfg)
+    if lora is not None:  # before sharding: FSDP2 shards the adapters with their layers
+        lora_mod.apply_lora(model, lora, base=path, seed=cfg.run.seed)
     if cfg.model.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)
         (enable or model.gradient_checkpointing_enable)()
@@ -363,6 +441,14 @@ def _rewards(cfg: GRPOConfig, task) -> tuple[list, torch.Tensor]:
     if cfg.sampling.overlong_buffer > 0 and "overlong" not in names:
         names.append("overlong")
     reward_fns = [rewards_mod.resolve_reward(spec) for spec in names]
+    # The code reward with this run's limits, its sandbox checked now (how to install
+    # bubblewrap when it is missing; what --code-sandbox none exposes).
+    code = code_mod.CodeSettings(
+        score=d.code_score,
+        sandbox=d.code_sandbox,
+        limits=Limits(timeout=d.code_timeout, memory_mb=d.code_memory_mb),
+    )
+    reward_fns = code_mod.with_code_settings(reward_fns, code)
     weights = list(d.reward_weights) or [1.0] * len(reward_fns)
     weights += [1.0] * (len(reward_fns) - len(weights))
     return reward_fns, torch.tensor(weights, dtype=torch.float32)

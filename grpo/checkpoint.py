@@ -8,6 +8,9 @@ A checkpoint is one directory, the same for one process and for N under torchrun
       model/            the model in Hugging Face layout + tokenizer (models.save_model), for
                         users: `load_model`, `from_pretrained` and `--model` read it; resuming
                         does not (dcp/ holds the same weights)
+      adapter/          instead of model/ for a LoRA policy (grpo.lora): the adapters in
+                        PEFT's format; dcp/ then holds only the adapters and their optimizer
+                        state (the frozen base is re-read from where the run took it)
       trainer_state.pt  {"version", "scheduler", "rng", "state"} (torch.save, by rank 0)
       state.json        the trainer's `state` (step, data position...) as JSON, for humans;
                         written last, so a directory holding it is complete
@@ -38,8 +41,10 @@ non-tensor values (torch 2.13): load only checkpoints you trust, as with any DCP
 
 from __future__ import annotations
 
+import errno
 import json
 import random
+import shutil
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,6 +58,7 @@ from . import distributed, files
 CHECKPOINT_NAME = "checkpoint"
 DCP_DIR = "dcp"
 MODEL_DIR = "model"
+ADAPTER_DIR = "adapter"  # LoRA checkpoints: in place of model/
 TRAINER_STATE = "trainer_state.pt"
 STATE_JSON = "state.json"
 FORMAT_VERSION = 2
@@ -82,12 +88,23 @@ def save_checkpoint(
     main = distributed.is_main()
     rngs = distributed.all_gather_objects(capture_rng())
     temp = distributed.broadcast_object(files.temp_path(path))
-    with files.atomic_path(path, temp=temp, owner=main) as tmp:
+    with (
+        _full_disk_named(path, model, optimizer),
+        files.atomic_path(path, temp=temp, owner=main) as tmp,
+    ):
         if main:
             tmp.mkdir()
         distributed.barrier()
-        distributed.save_full_model(model, tokenizer, tmp / MODEL_DIR)
-        model_state, optim_state = get_state_dict(model, optimizer)
+        adapter_only = _adapter_only(model)
+        if adapter_only:
+            from .lora import save_adapter
+
+            save_adapter(model, tokenizer, tmp / ADAPTER_DIR)
+        else:
+            distributed.save_full_model(model, tokenizer, tmp / MODEL_DIR)
+        model_state, optim_state = get_state_dict(
+            model, optimizer, options=_state_options(adapter_only)
+        )
         with _dcp_errors():
             _dcp().save(
                 {"model": model_state, "optimizer": optim_state},
@@ -102,7 +119,7 @@ def save_checkpoint(
                 "rng": rngs,
                 "state": state,
             }
-            torch.save(trainer_state, tmp / TRAINER_STATE)
+            files.torch_save(trainer_state, tmp / TRAINER_STATE)
             # Written last: a temp dir holding state.json is complete (find_checkpoint).
             (tmp / STATE_JSON).write_text(state_text)
     if main:
@@ -140,7 +157,14 @@ def load_checkpoint(
     # The version first: a checkpoint of another format lacks some of this format's parts.
     if (path / TRAINER_STATE).exists():
         trainer_state = _read_trainer_state(path, device)
-    missing = [name for name in _PARTS if not (path / name).exists()]
+    adapter_only = _adapter_only(model)
+    if adapter_only or (path / ADAPTER_DIR).is_dir():  # a LoRA run, or a LoRA checkpoint
+        from .lora import checkpoint_mismatch, settings_of
+
+        mismatch = checkpoint_mismatch(path, settings_of(model), model)
+        if mismatch:
+            raise ValueError(mismatch)
+    missing = [name for name in _parts(adapter_only) if not (path / name).exists()]
     if missing:
         raise FileNotFoundError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
     if scheduler is not None and trainer_state["scheduler"] is None:
@@ -149,7 +173,9 @@ def load_checkpoint(
     # State dicts of the model's and optimizer's own tensors, keyed by parameter name as saved
     # (a fresh optimizer first gets its zero state, from a step with learning rate 0): DCP
     # reads into them, each process its own slice, and set_state_dict installs them.
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(
+        model, optimizer, options=_state_options(adapter_only)
+    )
     _check_saved_tensors(path / DCP_DIR, model_state, optim_state)
     loaded = {"model": model_state, "optimizer": optim_state}
     try:
@@ -162,7 +188,11 @@ def load_checkpoint(
             f"{path / DCP_DIR}: cannot load into this model and optimizer ({type(e).__name__}: {e})"
         ) from e
     set_state_dict(
-        model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"]
+        model,
+        optimizer,
+        model_state_dict=loaded["model"],
+        optim_state_dict=loaded["optimizer"],
+        options=_state_options(adapter_only, load=True),
     )
     if scheduler is not None:
         scheduler.load_state_dict(trainer_state["scheduler"])
@@ -252,6 +282,33 @@ def _restore_rngs(trainer_state: dict) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@contextmanager
+def _full_disk_named(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """A checkpoint write that failed for lack of space raises OSError(ENOSPC), whoever wrote.
+
+    DCP writes its shards with torch.save into a stream, whose zip writer reports a full disk
+    as a RuntimeError ("unexpected pos"); when the filesystem then has less room than the
+    checkpoint needs, that is what happened, and the error says so."""
+    try:
+        yield
+    except RuntimeError as e:
+        tensors = [p for p in model.parameters()] + [
+            t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)
+        ]
+        needed = sum(t.numel() * t.element_size() for t in tensors) + sum(
+            p.numel() * p.element_size() for p in model.parameters()
+        )  # dcp/ (weights and optimizer state) and the weights again in model/
+        free = shutil.disk_usage(path.parent).free
+        if free >= needed:
+            raise
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left on device: the checkpoint needs about {needed / 2**20:.1f} MiB, "
+            f"{free / 2**20:.1f} MiB are free",
+            str(path),
+        ) from e
 
 
 def _dcp():
@@ -361,7 +418,28 @@ def _first(names: list[str], n: int = 5) -> str:
 
 
 def _is_complete(path: Path) -> bool:
-    return all((path / name).exists() for name in _PARTS)
+    return any(all((path / name).exists() for name in _parts(a)) for a in (False, True))
+
+
+def _adapter_only(model: torch.nn.Module) -> bool:
+    """A LoRA policy (grpo.lora): its checkpoints hold the adapters, not the base."""
+    from .lora import is_lora
+
+    return is_lora(model)
+
+
+def _parts(adapter_only: bool) -> tuple[str, ...]:
+    """What a complete checkpoint holds: adapter/ in place of model/ for LoRA."""
+    return tuple(ADAPTER_DIR if adapter_only and p == MODEL_DIR else p for p in _PARTS)
+
+
+def _state_options(adapter_only: bool, *, load: bool = False):
+    """DCP's state-dict options: LoRA saves and loads the trainable parameters (the adapters)
+    only, the base being frozen; on load the base is then absent from the state by design
+    (the names and shapes of what is present are checked by _check_saved_tensors)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=adapter_only, strict=not (adapter_only and load))
 
 
 def _remove_leftovers(path: Path) -> None:

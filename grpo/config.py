@@ -34,6 +34,8 @@ from typing import Any
 from kernels import GRPOLossConfig
 from kernels.reference import IMPORTANCE_LEVELS, LOSS_TYPES, SAMPLER_CORRECTIONS, SCALES
 
+from .lora import LR_HELP, check_settings
+
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, (list, dict)):
@@ -74,7 +76,7 @@ class DataConfig:
     template: str = _f("r1zero", "prompt template: r1zero, short, chat (tokenizer's), none")
     rewards: list = _f(
         [],
-        "reward functions: accuracy, format, language, countdown, overlong, "
+        "reward functions: accuracy, format, language, countdown, overlong, code, "
         "or package.module:function; empty: the task's",
     )
     reward_weights: list = _f([], "one weight per reward function (default all 1)")
@@ -87,7 +89,28 @@ class DataConfig:
         "prompts over max_prompt_length: truncate or error",
         choices=("truncate", "error"),
     )
-    eval_size: int = _f(200, "held-out prompts, never trained on")
+    eval_size: int | None = _f(
+        None,
+        "held-out prompts, never trained on (None: 200, or a fifth of a --data file of "
+        "fewer than 1000 examples)",
+    )
+    # The code reward (grpo.code_reward): programs run against the example's tests.
+    code_score: str = _f(
+        "all",
+        "code reward: all (1 when every test passes, else 0, as R1) or pass_rate (the "
+        "fraction of tests passed)",
+        choices=("all", "pass_rate"),
+    )
+    code_timeout: float = _f(
+        5.0, "code reward: wall-clock seconds per test (CPU seconds: this rounded up, plus 1)"
+    )
+    code_memory_mb: int = _f(1024, "code reward: address space of each process of a program, MB")
+    code_sandbox: str = _f(
+        "bwrap",
+        "code reward: where programs run: bwrap (bubblewrap: apt-get install bubblewrap) or "
+        "none (no isolation: the programs can reach your files, network and processes)",
+        choices=("bwrap", "none"),
+    )
 
 
 @dataclass
@@ -150,7 +173,7 @@ class RolloutConfig:
 @dataclass
 class OptimConfig:
     steps: int = _f(200, "GRPO optimizer steps")
-    learning_rate: float = _f(1e-6, "peak learning rate")
+    learning_rate: float = _f(1e-6, LR_HELP)
     lr_schedule: str = _f(
         "constant",
         "constant, linear or cosine decay after warmup",
@@ -161,6 +184,15 @@ class OptimConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping (0: off)")
     micro_batch_size: int = _f(
         8, "completions per forward/backward; gradient accumulation covers the rest"
+    )
+    packing: bool = _f(
+        None,
+        "padding-free training forwards: a micro-batch's sequences in one row, the lm_head on "
+        "completion tokens only (same loss and gradients); None: on with flash-attention or "
+        "--micro-batch-tokens (see README, Packing)",
+    )
+    micro_batch_tokens: int = _f(
+        0, "with packing: micro-batches of at most this many tokens (0: micro_batch_size rows)"
     )
     num_iterations: int = _f(1, "mu: optimizer steps on each batch (GRPO's inner iterations)")
     max_nonfinite_steps: int = _f(
@@ -191,6 +223,35 @@ class ColdStartConfig:
     )
     sft_learning_rate: float = _f(1e-5, "cold-start learning rate")
     sft_batch_size: int = _f(32, "cold-start examples per step")
+    sft_examples: int = _f(
+        0,
+        "distinct worked examples of the task the cold start learns from, in shuffled epochs "
+        "(0: sft_steps x sft_batch_size, each seen once)",
+    )
+
+
+@dataclass
+class LoRAConfig:
+    lora_rank: int = _f(
+        0,
+        "train LoRA adapters of this rank r (peft) instead of the model; the reference model "
+        "is then the policy with its adapters off (no second copy of the weights); 0: train "
+        "the full model",
+    )
+    lora_alpha: float = _f(None, "LoRA alpha: the update is alpha / r x B A; None: 2 x rank")
+    lora_dropout: float = _f(0.0, "dropout on the adapters' input")
+    lora_target_modules: list = _f(
+        [],
+        "linear projections to adapt, by name (peft's target_modules, e.g. q_proj v_proj; "
+        "all-linear); empty: every linear projection of attention and the dense MLP (MoE: and "
+        "the shared experts); the lm_head and the embeddings stay frozen",
+    )
+    lora_target_parameters: list = _f(
+        [],
+        "MoE: stacked expert parameters to adapt too (peft's target_parameters, e.g. "
+        "mlp.experts.gate_up_proj mlp.experts.down_proj, or experts for both); empty: the "
+        "routed experts stay frozen",
+    )
 
 
 @dataclass
@@ -202,6 +263,11 @@ class RunConfig:
     run_name: str = _f("", "run name; empty: <task>-<model>-seed<seed>")
     resume: bool = _f(False, "continue the run in --output-dir from its checkpoint")
     overwrite: bool = _f(False, "replace an existing run in --output-dir")
+    resume_override: list = _f(
+        [],
+        "with --resume: the fields allowed to differ from the run's saved config.json "
+        "(e.g. steps learning_rate); any other difference is refused",
+    )
     tensorboard: bool = _f(False, "also write TensorBoard event files (needs tensorboard)")
     progress: bool = _f(True, "show the progress bar")
 
@@ -245,6 +311,7 @@ SECTIONS = {
     "optim": OptimConfig,
     "moe": MoEConfig,
     "cold_start": ColdStartConfig,
+    "lora": LoRAConfig,
     "run": RunConfig,
 }
 
@@ -302,6 +369,7 @@ class GRPOConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     cold_start: ColdStartConfig = field(default_factory=ColdStartConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     @classmethod
@@ -384,8 +452,22 @@ class GRPOConfig:
                 f"max_completion_length must be >= 1, got {s.max_completion_length}",
             ),
             (d.max_prompt_length >= 1, "max_prompt_length must be >= 1"),
+            (
+                math.isfinite(d.code_timeout) and d.code_timeout > 0,
+                f"code_timeout must be a positive number of seconds, got {d.code_timeout}",
+            ),
+            (
+                d.code_memory_mb >= 64,
+                f"code_memory_mb must be >= 64 (the interpreter's own need), got "
+                f"{d.code_memory_mb}",
+            ),
             (o.num_iterations >= 1, "num_iterations must be >= 1"),
             (o.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
+            (o.micro_batch_tokens >= 0, "micro_batch_tokens must be >= 0"),
+            (
+                o.micro_batch_tokens == 0 or o.packing is not False,
+                "micro_batch_tokens needs packing (drop --no-packing)",
+            ),
             (s.temperature > 0, "temperature must be > 0"),
             (0 < s.top_p <= 1, "top_p must be in (0, 1]"),
             (
@@ -395,7 +477,8 @@ class GRPOConfig:
                 "compile_generation needs generation_cache=static",
             ),
             (o.steps >= 0 and self.cold_start.sft_steps >= 0, "steps and sft_steps must be >= 0"),
-            (d.eval_size >= 1, "eval_size must be >= 1"),
+            (self.cold_start.sft_examples >= 0, "sft_examples must be >= 0"),
+            (d.eval_size is None or d.eval_size >= 1, "eval_size must be >= 1"),
             (self.rollout.sampler_correction_cap > 0, "sampler_correction_cap must be > 0"),
             (
                 0 < self.rollout.vllm_gpu_memory_utilization < 1,
@@ -405,6 +488,11 @@ class GRPOConfig:
                 not d.reward_weights or not d.rewards or len(d.reward_weights) == len(d.rewards),
                 f"reward_weights has {len(d.reward_weights)} values for {len(d.rewards)} reward "
                 f"functions",
+            ),
+            (
+                not (overrides := {n.replace("-", "_") for n in self.run.resume_override})
+                - set(FLAT),
+                f"resume_override: unknown fields {sorted(overrides - set(FLAT))}",
             ),
             (
                 not (self.run.resume and self.run.overwrite),
@@ -446,6 +534,22 @@ class GRPOConfig:
                 "fp16 parameters overflows; use bf16 (GPUs) or fp32",
             ),
         ]
+        lora = self.lora
+        lora_errors = check_settings(
+            lora.lora_rank,
+            lora.lora_alpha,
+            lora.lora_dropout,
+            lora.lora_target_modules,
+            lora.lora_target_parameters,
+        )
+        checks += [(False, message) for message in lora_errors]
+        checks.append(
+            (
+                not (lora.lora_rank and self.model.ref_on_cpu),
+                "--ref-on-cpu does not apply with --lora-rank: the reference model is the "
+                "policy itself with its adapters off",
+            )
+        )
         errors = [message for ok, message in checks if not ok]
         if errors:
             raise ValueError("bad configuration: " + "; ".join(errors))
@@ -578,13 +682,23 @@ def load_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist")
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
 
-        values = yaml.safe_load(text) or {}
-    else:
-        values = json.loads(text)
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"config file {path}: not UTF-8 text ({e.reason} at byte {e.start})"
+        ) from None
+    except ValueError as e:  # json.JSONDecodeError
+        raise ValueError(f"config file {path}: not valid JSON ({e})") from None
+    except Exception as e:  # yaml.YAMLError, whose message spans lines
+        problem = " ".join(str(e).split())
+        raise ValueError(f"config file {path}: not valid YAML ({problem})") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of GRPOConfig fields")
     flat = {}
@@ -600,8 +714,64 @@ def load_config_file(path: str | Path) -> dict:
 
 
 def parse_config(argv: list[str] | None = None, prog: str = "grpo-train") -> GRPOConfig:
-    """defaults < DEMO (no --model) < --config file < flags, then resolve()."""
+    """defaults < DEMO (no --model) < --config file < flags, then resolve(). With --resume the
+    run's saved config.json takes the place of the defaults and DEMO: a resumed run is the
+    saved one, plus the values given (which build.prepare_run_dir then checks against it)."""
     flags = vars(build_parser(prog).parse_args(argv))
     values = load_config_file(flags.pop("config")) if "config" in flags else {}
     values.update(flags)
-    return GRPOConfig.from_flat(values)
+    cfg = GRPOConfig.from_flat(values)
+    if cfg.run.resume:
+        saved = read_run_config(Path(cfg.run.output_dir) / "config.json")
+        if saved is not None:
+            for name in ("resume", "overwrite", "resume_override"):  # this command's own
+                saved.pop(name, None)
+            return GRPOConfig.from_flat({**saved, **values})
+    return cfg
+
+
+# --- resuming ----------------------------------------------------------------------------
+
+# Fields that do not change what a run computes: a resumed run may differ in these freely.
+RESUME_FREE = frozenset(
+    ("output_dir", "run_name", "resume", "overwrite", "resume_override", "progress",
+     "tensorboard", "save_every", "device")
+)  # fmt: skip
+
+
+def read_run_config(path: str | Path) -> dict[str, Any] | None:
+    """The flat fields of a config.json that a grpo-train run wrote, or None when `path` is
+    not one (missing, not JSON, a model's config.json). Nested (current) and flat (runs
+    written before the nested config) layouts both read."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(value, dict):
+        return None
+    if {"sampling", "loss", "run"} <= set(value):
+        return {
+            name: value[s][a]
+            for name, (s, a) in FLAT.items()
+            if isinstance(value.get(s), dict) and a in value[s]
+        }
+    if "num_generations" in value:
+        return {k: v for k, v in value.items() if k in FLAT}
+    return None
+
+
+def resume_mismatches(cfg: GRPOConfig, saved: dict[str, Any]) -> list[str]:
+    """The fields in which `cfg` differs from a run's saved flat config, other than the free
+    ones and cfg.run.resume_override's, as 'name: saved X, now Y'."""
+    allowed = RESUME_FREE | {name.replace("-", "_") for name in cfg.run.resume_override}
+    out = []
+    for name, now in cfg.flat().items():
+        if name in allowed or name not in saved:
+            continue
+        try:
+            before = typed_value(name, saved[name])
+        except ValueError:
+            before = saved[name]
+        if before != now:
+            out.append(f"{name}: saved {before!r}, now {now!r}")
+    return out

@@ -138,11 +138,17 @@ def load_jsonl(path: str | Path, *, require_answer: bool = False) -> list[dict[s
     """
     path = Path(path)
     examples = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DatasetError(
+                    f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})"
+                ) from e
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 ex = json.loads(line)
             except json.JSONDecodeError as e:

@@ -188,9 +188,15 @@ def save_full_model(
     model: torch.nn.Module, tokenizer: object | None, path: Path, dtype: torch.dtype | None = None
 ) -> None:
     """models.save_model for a sharded or plain model: every rank calls it, rank 0 writes.
-    dtype: cast the parameters to it (fp32 master weights saved as the compute dtype)."""
+    dtype: cast the parameters to it (fp32 master weights saved as the compute dtype). A
+    model with LoRA adapters is saved merged, under its original parameter names."""
     from models import save_model
 
+    from .lora import is_lora, save_merged
+
+    if is_lora(model):
+        save_merged(model, tokenizer, path, dtype)
+        return
     state = full_state_dict(model)
     if is_main():
         if dtype is not None:

@@ -20,8 +20,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import code_reward as code_mod
 from . import data as data_mod
 from . import distributed as dist_mod
+from . import lora as lora_mod
 from . import rewards as rewards_mod
 from . import tasks as tasks_mod
 from .config import DEMO
@@ -129,12 +131,17 @@ def resolve_completion_length(max_completion_length: int | None, tokenizer) -> i
 
 def load_model_for_eval(path: str):
     """(model, tokenizer, device) in eval mode: bf16 on a GPU, fp32 on the CPU. A directory
-    without tokenizer files is a ValueError (models.CheckpointError)."""
+    without tokenizer files is a ValueError (models.CheckpointError). `path` may also be a
+    LoRA adapter in PEFT's format (a run's final/adapter/): its base model with the adapters
+    merged in."""
     from models import load_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, tokenizer = load_model(path, dtype=dtype, device=device)
+    if lora_mod.is_adapter_dir(path):
+        model, tokenizer = lora_mod.load_adapter_model(path, dtype=dtype, device=device)
+    else:
+        model, tokenizer = load_model(path, dtype=dtype, device=device)
     model.eval()
     return model, tokenizer, device
 
@@ -143,10 +150,16 @@ def reward_functions(
     task: tasks_mod.Task | None, extra: Sequence[str] = ()
 ) -> list[tuple[str, Any]]:
     """The rewards a GRPO run on this task uses by default (accuracy and format; countdown and
-    format for Countdown), then the extra specs. The first one decides correctness."""
-    names = list(task.rewards if task is not None else ("accuracy", "format"))
+    format for Countdown), then the extra specs. The first one decides correctness: for a
+    dataset, an extra "code" takes accuracy's place (programs checked against tests). A code
+    reward's sandbox is checked here, before any model is loaded."""
+    if task is not None:
+        names = list(task.rewards)
+    else:
+        names = ["code" if "code" in extra else "accuracy", "format"]
     names += [name for name in extra if name not in names]
-    return [rewards_mod.resolve_reward(name) for name in names]
+    fns = [rewards_mod.resolve_reward(name) for name in names]
+    return code_mod.with_code_settings(fns, code_mod.CodeSettings())
 
 
 def prompt_examples(
@@ -202,9 +215,12 @@ def reward_columns(
     """The keyword columns reward functions get for group_size completions per example, in
     the trainer's layout: example columns repeated per completion (the raw question as
     "prompts"), completion lengths, truncation flags and max_completion_length."""
+    # Every example's keys, not the first one's: a dataset may mix shapes (the code reward's
+    # stdin/stdout and function tests), and a missing column is None for that example.
+    keys = dict.fromkeys(key for ex in examples for key in ex)
     columns = {
         key: [ex.get(key) for ex in examples for _ in range(group_size)]
-        for key in examples[0]
+        for key in keys
         if key != "prompt"
     }
     columns["prompts"] = [ex["prompt"] for ex in examples for _ in range(group_size)]
@@ -256,16 +272,19 @@ def build_engine(
     )
     if rollout != "vllm":
         return make_engine(rollout, model, tokenizer, sampling)
+    # A LoRA adapter directory: vLLM loads its base, then gets the merged weights pushed.
+    adapter = bool(model_path) and lora_mod.is_adapter_dir(model_path)
     engine = make_engine(
         rollout,
         model,
         tokenizer,
         sampling,
-        model_path=model_path,
+        model_path=str(lora_mod.adapter_base(model_path)) if adapter else model_path,
         seed=seed,
         gpu_memory_utilization=0.7,
     )
-    engine.mark_weights_current()  # model was loaded from model_path: nothing to push
+    if not adapter:
+        engine.mark_weights_current()  # model was loaded from model_path: nothing to push
     return engine
 
 
@@ -537,8 +556,10 @@ def greedy_accuracy(
         rollout = engine.generate([prompt(ex) for ex in chunk], 1, greedy=True)
         if not mine[i : i + batch_size]:
             continue
-        columns = {key: [ex.get(key) for ex in chunk] for key in chunk[0]}
-        correct += check(rollout.texts, **columns)
+        keys = dict.fromkeys(key for ex in chunk for key in ex)  # shapes may mix
+        columns = {key: [ex.get(key) for ex in chunk] for key in keys}
+        # None (does not apply; the code reward's sandbox failed) is not a correct answer.
+        correct += [value or 0.0 for value in check(rollout.texts, **columns)]
         formatted += rewards_mod.format_reward(rollout.texts)
     sums = dist_mod.all_reduce(
         torch.tensor([sum(correct), sum(formatted), len(correct)], dtype=torch.float64)

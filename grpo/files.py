@@ -15,6 +15,8 @@ versions on disk; `grpo.checkpoint.find_checkpoint` puts the newest complete one
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import shutil
 import uuid
@@ -80,6 +82,53 @@ def atomic_path(
         if owner:
             remove(tmp)
         raise
+
+
+def torch_save(obj: object, path: str | Path) -> None:
+    """`torch.save` through a buffer: a full disk then raises OSError(ENOSPC) naming the file,
+    not torch's zip writer's "unexpected pos" RuntimeError."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with open(path, "wb") as f:
+        f.write(buffer.getbuffer())
+
+
+# errno -> what to tell the user, for the errors a write can end with.
+_WRITE_ERRORS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+# Libraries that wrap the OS error in their own (safetensors' Rust writer) keep its text.
+_WRITE_TEXTS = {
+    "No space left on device": errno.ENOSPC,
+    "os error 28": errno.ENOSPC,
+    "Disk quota exceeded": errno.EDQUOT,
+    "Read-only file system": errno.EROFS,
+    "os error 30": errno.EROFS,
+}
+
+
+def write_error(error: BaseException) -> tuple[int, str] | None:
+    """(errno, one-line description) when `error`, or an error it was raised from, is a
+    filesystem refusing a write (disk full, quota, read-only, permission); else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        code = getattr(error, "errno", None) if isinstance(error, OSError) else None
+        if code not in _WRITE_ERRORS:
+            code = next((c for text, c in _WRITE_TEXTS.items() if text in str(error)), None)
+        if code is not None:
+            name = getattr(error, "filename", None)
+            detail = getattr(error, "strerror", None)
+            what = detail if detail and detail != os.strerror(code) else _WRITE_ERRORS[code]
+            return code, what[:1].lower() + what[1:] + (f" ({name})" if name else "")
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> None:

@@ -10,6 +10,8 @@ Key names the progress bar and `plot` read (all optional; absent keys are skippe
 
 - ``reward`` (mean total reward) and ``reward/<name>`` (mean of each reward function)
 - ``accuracy`` (fraction of correct completions, 0..1) and ``eval_accuracy`` (held-out)
+- ``format`` (fraction of completions in the <think>...</think><answer>...</answer> layout,
+  whether or not the format reward is trained on)
 - ``kl`` (mean k3 KL to the reference model)
 - ``completion_length`` and ``completion_length_max`` (tokens per completion)
 - ``tokens_per_s`` (generated + trained tokens per second)
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,7 @@ from tqdm import tqdm
 from kernels import reference
 
 from . import distributed as dist_mod
+from . import rewards as rewards_mod
 from .files import atomic_path, atomic_write
 
 METRICS_FILE = "metrics.jsonl"
@@ -131,8 +136,23 @@ def read_metrics(path: Path | str) -> list[dict[str, float]]:
     return [record for _, record in _parse_lines(Path(path))]
 
 
+_IMPORTED = time.perf_counter()
+
+
+def process_seconds() -> float:
+    """Seconds since this process started, interpreter start-up and imports included (from
+    /proc on Linux; elsewhere since this module was imported)."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        started = int(stat.rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")  # field 22
+        return float(Path("/proc/uptime").read_text().split()[0]) - started
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _IMPORTED
+
+
 def plot_metrics(metrics_file: Path | str, out: Path | str, *, title: str = "") -> Path:
-    """Plot reward, accuracy, KL and completion length per step from a metrics.jsonl file.
+    """Plot reward, accuracy and format rate, KL and completion length per step from a
+    metrics.jsonl file.
 
     Writes a 2x2 PNG to `out` through a temporary file, so a reader never sees half an image.
     """
@@ -149,7 +169,14 @@ def plot_metrics(metrics_file: Path | str, out: Path | str, *, title: str = "") 
             "reward",
             [("reward", "mean", "-")] + [(k, k[len("reward/") :], "-") for k in reward_keys],
         ),
-        ("accuracy", [("accuracy", "train", "-"), ("eval_accuracy", "eval", "o-")]),
+        (
+            "accuracy and format rate",
+            [
+                ("accuracy", "train accuracy", "-"),
+                ("eval_accuracy", "held-out accuracy", "o-"),
+                ("format", "format rate", "-"),
+            ],
+        ),
         ("KL to reference", [("kl", "kl", "-")]),
         (
             "completion length (tokens)",
@@ -294,6 +321,8 @@ def step_metrics(
     total = reference.combine_rewards(rewards, reward_weights, unscorable_nan=True)
     lengths = dist_mod.gather_rows(rollout.lengths.float())[0]
     truncated = dist_mod.gather_rows(rollout.truncated.float())[0]
+    # The R1 layout, whether or not the format reward is trained on (R1-Zero's curve).
+    formatted = dist_mod.gather_rows(torch.tensor(rewards_mod.format_reward(rollout.texts)))[0]
     failed: dict[str, int] = {}
     for part in dist_mod.all_gather_objects(failures):
         for name, count in part.items():
@@ -305,6 +334,7 @@ def step_metrics(
         "completion_length": float(lengths.mean()),
         "completion_length_max": float(lengths.max()),
         "truncated": float(truncated.mean()),
+        "format": float(formatted.mean()),
         "grad_norm": grad_norm,
         "lr": lr,
         "tokens_per_s": float(lengths.sum()) / seconds,
@@ -319,10 +349,14 @@ def step_metrics(
         metrics[f"reward_std/{name}"] = (
             float(column[~column.isnan()].std()) if (~column.isnan()).sum() > 1 else float("nan")
         )
-    acc = [n for n, _ in reward_fns if n in ("accuracy", "countdown")]
+    acc = [n for n, _ in reward_fns if n in rewards_mod.CORRECTNESS]
     metrics["accuracy"] = metrics[f"reward/{acc[0]}"] if acc else float("nan")
     for name, count in failed.items():
         metrics[f"reward_failures/{name}"] = count
+    # What rewards counted over the step's scoring (the code reward's verdicts), all ranks.
+    for part in dist_mod.all_gather_objects(rewards_mod.reward_metrics(reward_fns)):
+        for key, count in part.items():
+            metrics[key] = metrics.get(key, 0) + count
     return metrics
 
 

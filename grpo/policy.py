@@ -7,11 +7,15 @@ the fused lm_head loss, the last hidden states there (mb, C, H) and the lm_head 
 the (mb, C, V) logits never exist. MoE policies replay the experts the sampler chose
 (`replaying`), kept until the caller's backward is done (gradient checkpointing recomputes).
 Under torchrun every rank runs the same number of micro-batches (`micro_batches`).
+With `packing`, a micro-batch's sequences run as one padding-free row and only the positions
+that predict completion tokens reach the lm_head (grpo/packing.py); `micro_batch_tokens` > 0
+makes the micro-batches token budgets instead of row counts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -21,6 +25,7 @@ import kernels
 from models.routing_replay import RoutingReplay
 
 from . import distributed as dist_mod
+from . import packing as packing_mod
 from .rollout import Rollout
 
 
@@ -37,11 +42,20 @@ class PolicyForward:
     logprobs_fn: Callable  # kernels.token_logprobs or its reference
     replay: RoutingReplay | None = None  # the policy's routing replay
     router_aux_loss: bool = False  # ask the model for its load-balancing loss
+    packing: bool = False  # padding-free forwards (grpo/packing.py)
+    micro_batch_tokens: int = 0  # > 0 (with packing): micro-batches of at most this many tokens
 
-    def micro_batches(self, n: int) -> list[tuple[slice, bool]]:
+    def micro_batches(self, n: int, rollout: Rollout | None = None) -> list[tuple[slice, bool]]:
         """(rows, real) of this rank's micro-batches, padded with zero-weight repeats of the
-        first up to the largest count of any rank: FSDP needs every rank in every forward."""
-        parts = micro_batch_slices(n, self.micro_batch_size)
+        first up to the largest count of any rank: FSDP needs every rank in every forward.
+        With a token budget (and the rollout), rows are index tensors of first-fit-decreasing
+        bins (a sequence over the budget runs alone)."""
+        if self.packing and self.micro_batch_tokens > 0 and rollout is not None:
+            parts = packing_mod.token_budget_bins(
+                rollout, self.micro_batch_tokens, keep_last=self.router_aux_loss
+            )
+        else:
+            parts = micro_batch_slices(n, self.micro_batch_size)
         count = int(dist_mod.all_reduce(len(parts), op="max"))
         return [(rows, True) for rows in parts] + [(parts[0], False)] * (count - len(parts))
 
@@ -50,7 +64,10 @@ class PolicyForward:
         """The policy's forwards inside use the experts recorded for these rows."""
         active = on and self.replay is not None and rollout.routing is not None
         if active:
-            self.replay.set(rollout.routing[:, rows])
+            routing = rollout.routing[:, rows]
+            if self.packing:  # the recorded ids follow their tokens into the packed row
+                routing = self.pack(rollout, rows).routing(routing)
+            self.replay.set(routing)
         try:
             yield
         finally:
@@ -70,17 +87,56 @@ class PolicyForward:
         states = model.get_decoder()(**inputs).last_hidden_state[:, -(n + 1) : -1]
         return states.to(self.device), model.get_output_embeddings().weight
 
+    def pack(self, rollout: Rollout, rows) -> packing_mod.PackedBatch:
+        return packing_mod.pack(rollout, rows, keep_last=self.router_aux_loss)
+
+    def packed(self, model, rollout: Rollout, rows):
+        """The packed forward of rows `rows`: (PackedBatch, inputs, lm_head weight or None,
+        the router's aux loss or None). inputs: the completion tokens' logits (Ntok, V) from
+        the model's own forward (lm_head on those positions only), or with the fused loss the
+        last hidden states there (Ntok, H) and the weight."""
+        packed = self.pack(rollout, rows)
+        dev = next(model.parameters()).device
+        inputs = dict(
+            input_ids=packed.input_ids.to(dev),
+            position_ids=packed.position_ids.to(dev),
+            use_cache=False,
+        )
+        pred = packed.pred.to(dev)
+        if self.fused:
+            states = model.get_decoder()(**inputs).last_hidden_state[0, pred]
+            weight = model.get_output_embeddings().weight
+            return packed, states.to(self.device), weight.to(self.device), None
+        aux = {"output_router_logits": True} if self.router_aux_loss else {}
+        out = model(**inputs, logits_to_keep=pred, **aux)
+        return packed, out.logits[0].to(self.device), None, getattr(out, "aux_loss", None)
+
+    def packed_loss_fn(self, model, rollout: Rollout, rows):
+        """(a loss function with grpo_loss's signature for rows `rows`, the aux loss)."""
+        packed, inputs, weight, aux = self.packed(model, rollout, rows)
+        loss_fn = functools.partial(
+            packing_mod.packed_grpo_loss, packed, inputs, weight, self.logprobs_fn
+        )
+        return loss_fn, aux
+
     @torch.no_grad()
     def logprobs(self, model, rollout: Rollout, *, replay: bool = True) -> torch.Tensor:
         """log p(completion token) (N, C) fp32 under `model` (eval mode), micro-batch by
         micro-batch; the policy replays the sampler's experts, the reference never does."""
         was_training = model.training
         model.eval()
-        parts = []
-        for rows, real in self.micro_batches(len(rollout)):
+        out = torch.zeros(rollout.completion_ids.shape, device=self.device)
+        for rows, real in self.micro_batches(len(rollout), rollout):
             ids = rollout.completion_ids[rows]
             with self.replaying(rollout, rows, on=replay):
-                if self.fused:
+                if self.packing:  # the lm_head on the completion tokens only
+                    packed, inputs, weight, _ = self.packed(model, rollout, rows)
+                    targets = packed.completion_ids.to(inputs.device)
+                    logp = packing_mod.CompactLogprobs.apply(
+                        inputs, weight, targets, self.temperature, self.logprobs_fn
+                    )[0]
+                    logp = packed.scatter(logp.to(self.device))
+                elif self.fused:
                     states, weight = self.hidden(model, rollout, rows)
                     logp = kernels.token_logprobs_from_hidden(
                         states, weight.to(states.device), ids, temperature=self.temperature
@@ -90,9 +146,9 @@ class PolicyForward:
                         self.logits(model, rollout, rows)[0], ids, temperature=self.temperature
                     )
             if real:
-                parts.append(logp)
+                out[rows] = logp
         model.train(was_training)
-        return torch.cat(parts)  # (N, C) fp32
+        return out  # (N, C) fp32
 
     @torch.no_grad()
     def routing_metrics(self, model, rollout: Rollout) -> dict:

@@ -4,7 +4,8 @@ This module holds the rewards that hold for any task and the machinery around th
 extraction and normalisation, accuracy against an ``answer`` column, format, language
 consistency, DAPO's overlong punishment, the ``REWARDS`` names with ``resolve_reward``, and
 ``score`` for a batch. A reward that only makes sense for one built-in task lives with that
-task in ``grpo.tasks`` (Countdown's in ``grpo.tasks.countdown``) and is named here too.
+task in ``grpo.tasks`` (Countdown's in ``grpo.tasks.countdown``) and is named here too; so is
+the code reward, which runs programs in a sandbox (``grpo.code_reward``, ``grpo.sandbox``).
 
 A reward function has the signature ``fn(completions, **columns) -> list[float | None]``:
 
@@ -32,9 +33,12 @@ import torch
 RewardFn = Callable[..., list]
 
 __all__ = [
+    "CORRECTNESS",
     "REWARDS",
     "RewardError",
     "accuracy_reward",
+    "code_reward",
+    "correctness_reward",
     "answer_key",
     "extract_answer",
     "format_reward",
@@ -42,6 +46,7 @@ __all__ = [
     "normalize_number",
     "overlong_reward",
     "resolve_reward",
+    "reward_metrics",
     "score",
 ]
 
@@ -285,8 +290,10 @@ def overlong_reward(
     return out
 
 
-# A task's own reward lives with its task (grpo.tasks), which builds on the generic rewards
-# above: imported here, after them, so that either module may be imported first.
+# A task's own reward lives with its task (grpo.tasks), and the code reward, which runs
+# programs in a sandbox, in grpo.code_reward; both build on the generic rewards above:
+# imported here, after them, so that either module may be imported first.
+from .code_reward import code_reward  # noqa: E402
 from .tasks.countdown import countdown_reward  # noqa: E402
 
 # The names the CLI and configs accept (``--reward NAME``); each task's default rewards
@@ -297,7 +304,28 @@ REWARDS: dict[str, RewardFn] = {
     "language": language_consistency_reward,
     "countdown": countdown_reward,
     "overlong": overlong_reward,
+    "code": code_reward,
 }
+
+# The rewards that say whether an answer is right; the first of them a run uses is its
+# accuracy (held-out evaluation, the "accuracy" metric, pass@k).
+CORRECTNESS = ("accuracy", "countdown", "code")
+
+
+def correctness_reward(reward_fns: Sequence[tuple[str, RewardFn]]) -> RewardFn:
+    """The first reward of reward_fns named in CORRECTNESS; accuracy_reward when none is."""
+    return next((fn for name, fn in reward_fns if name in CORRECTNESS), accuracy_reward)
+
+
+def reward_metrics(reward_fns: Sequence[tuple[str, RewardFn]]) -> dict[str, float]:
+    """What rewards count about their calls since the last time (a reward may have a
+    ``pop_metrics()``: the code reward's verdicts), as ``<name>/<key>``; the counts restart."""
+    out: dict[str, float] = {}
+    for name, fn in reward_fns:
+        pop = getattr(fn, "pop_metrics", None)
+        if callable(pop):
+            out.update({f"{name}/{key}": value for key, value in pop().items()})
+    return out
 
 
 def resolve_reward(spec: str) -> tuple[str, RewardFn]:

@@ -4,9 +4,10 @@ distillation into a student (the command is grpo-sft, grpo/cli/sft.py).
 The loss is the mean token cross-entropy over completion tokens only (the prompt is
 context), each completion ending with EOS so the model learns to stop: `sft_loss`, or
 `sft_loss_packed`, which concatenates short examples into rows of up to max_length tokens
-(`pack`), each attending only to itself (block-diagonal causal mask, positions restarting per
-example), so the loss is that of the unpacked batch with less padding. `run_sft` trains with
-either; grpo-train's cold start calls it too.
+(`pack`), each attending only to itself (positions restarting per example, from which
+transformers builds the block-diagonal causal mask, as for grpo-train's packing), so the
+loss is that of the unpacked batch with less padding. `run_sft` trains with either;
+grpo-train's cold start calls it too.
 """
 
 from __future__ import annotations
@@ -59,17 +60,6 @@ def pack(lengths: Sequence[int], max_length: int) -> list[list[int]]:
     return rows
 
 
-def _block_causal_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, 1, L, L) additive mask: token q sees token k iff k <= q in the same example.
-    Padding (segment -1) sees only itself, which keeps its softmax finite; it has no label."""
-    same = segments[:, :, None] == segments[:, None, :]
-    length = segments.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    allowed = (same & causal & (segments >= 0)[:, :, None]) | torch.eye(length, dtype=torch.bool)
-    mask = torch.zeros(allowed.shape, dtype=dtype)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
-
-
 def sft_loss_packed(
     model, tokenizer, pairs: Sequence[tuple[str, str]], max_length: int
 ) -> torch.Tensor:
@@ -82,7 +72,6 @@ def sft_loss_packed(
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
-    segments = torch.full((len(rows), width), -1, dtype=torch.long)
     for r, row in enumerate(rows):
         start = 0
         for i in row:
@@ -95,13 +84,12 @@ def sft_loss_packed(
             labels[r, start + n_prompt : end] = torch.tensor(tokens[n_prompt:])
             labels[r, start] = -100
             positions[r, start:end] = torch.arange(len(tokens))
-            segments[r, start:end] = i
             start = end
+    # No attention mask: transformers reads the example boundaries from the position ids
+    # (a position that does not follow its predecessor starts a sequence; each padding token,
+    # at position 0, is one of its own), the mechanism grpo-train's packing uses
+    # (grpo/packing.py): flash-attention's varlen kernel, or a block-diagonal causal mask.
     inputs = dict(input_ids=ids.to(device), position_ids=positions.to(device), use_cache=False)
-    if not model.config._attn_implementation.startswith("flash"):
-        dtype = next(model.parameters()).dtype
-        inputs["attention_mask"] = _block_causal_mask(segments, dtype).to(device)
-    # else flash-attention: transformers reads the example boundaries from the position ids.
     logits = model(**inputs).logits[:, :-1]  # (rows, L-1, V)
     return torch.nn.functional.cross_entropy(
         logits.float().flatten(0, 1), labels[:, 1:].flatten().to(device)
@@ -130,7 +118,8 @@ def run_sft(
         raise ValueError(f"packing length must be >= 1, got {packing}")
     rng = random.Random(seed)
     order: list[int] = []
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    params = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     total = max(steps, 1)
 
     def factor(step: int) -> float:
@@ -157,7 +146,7 @@ def run_sft(
             else sft_loss_packed(model, tokenizer, batch, packing)
         )
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

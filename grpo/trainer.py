@@ -33,11 +33,19 @@ from kernels import reference
 
 from . import data as data_mod
 from . import distributed as dist_mod
+from . import lora as lora_mod
 from . import rewards as rewards_mod
 from .build import TrainerParts, load_reference, write_json
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .evaluation import greedy_accuracy, reward_columns
-from .metrics import RunLogger, SilentLogger, global_token_means, reduce_loss_stats, step_metrics
+from .metrics import (
+    RunLogger,
+    SilentLogger,
+    global_token_means,
+    process_seconds,
+    reduce_loss_stats,
+    step_metrics,
+)
 from .rollout import Rollout
 from .sft import run_sft
 
@@ -126,7 +134,8 @@ class GRPOTrainer:
         before = self.state["eval"]["before_grpo"]
         logger = self._logger()
         try:
-            if self.cfg.loss.beta > 0:
+            if self.cfg.loss.beta > 0 and self.parts.lora is None:
+                # (With LoRA the reference is the policy with its adapters off: no model.)
                 self.ref_model = load_reference(self.parts)
             self._run_steps(logger)
             after = self.evaluate()
@@ -136,6 +145,9 @@ class GRPOTrainer:
             dist_mod.save_full_model(
                 self.model, self.tokenizer, self.run_dir / "final", dtype=self.parts.compute_dtype
             )
+            if self.parts.lora is not None:  # final/ is merged; final/adapter/ in PEFT's format
+                adapter_dir = self.run_dir / "final" / "adapter"
+                lora_mod.save_adapter(self.model, self.tokenizer, adapter_dir)
             logger.plot()
         finally:
             logger.close()
@@ -147,9 +159,12 @@ class GRPOTrainer:
             "grpo_steps": self.state["step"],
             "eval_size": len(self.eval_examples),
             "seconds": time.perf_counter() - start,
+            "seconds_wall": process_seconds(),  # the whole command, imports included
             "device": str(self.device),
             "processes": self.world,
         }
+        if self.parts.lora is not None:
+            summary["lora"] = lora_mod.describe(self.model, self.optimizer, self.cfg.loss.beta)
         if dist_mod.is_main():
             write_json(self.run_dir / "summary.json", summary)
         return summary
@@ -221,11 +236,16 @@ class GRPOTrainer:
                 # Worked solutions of training prompts (never the held-out ones).
                 held_out = {e["prompt"] for e in self.eval_examples}
                 stream = data_mod.TrainStream(self.task, self.cfg.run.seed + 7, exclude=held_out)
-                examples = stream.next_batch(c.sft_steps * c.sft_batch_size)
+                examples = stream.next_batch(c.sft_examples or c.sft_steps * c.sft_batch_size)
                 pairs = [(self.prompt(ex), self.task.solution(ex)) for ex in examples]
+            elif all("completion" in ex for ex in self.stream.examples):
+                # A dataset whose rows carry a worked completion (examples/code): its
+                # training rows, never the held-out ones.
+                pairs = [(self.prompt(ex), ex["completion"]) for ex in self.stream.examples]
             else:
                 raise ValueError(
-                    "--sft-steps with --data needs --sft-data (prompt and completion columns)"
+                    "--sft-steps with --data needs --sft-data (prompt and completion columns) "
+                    "or a 'completion' column in the dataset"
                 )
             # Data parallel under torchrun: each rank its own batches, FSDP averages gradients.
             loss = run_sft(
@@ -242,6 +262,12 @@ class GRPOTrainer:
                 print(f"cold start: {c.sft_steps} SFT steps, final loss {loss:.3f}", flush=True)
             # The reference of the RL stage is the cold-started policy: keep it on disk.
             dist_mod.save_full_model(self.model, self.tokenizer, self.run_dir / "cold-start")
+            if self.parts.lora is not None:
+                # The cold start's adapters become the base (the reference, with the adapters
+                # off) and GRPO's start from zero; cold-start/ holds that base, merged.
+                lora_mod.merge_and_reset(
+                    self.model, base=self.run_dir / "cold-start", seed=self.cfg.run.seed
+                )
         self.state["sft_done"] = True
 
     def save_checkpoint(self) -> None:
@@ -268,10 +294,19 @@ class GRPOTrainer:
     # --- one GRPO step ----------------------------------------------------------------
 
     def step(self) -> dict:
-        cfg = self.cfg
         t0 = time.perf_counter()
         batch = self.sample_batch()
         t1 = time.perf_counter()
+        # The kernels' value checks once per step (one host sync); the log-prob, loss and
+        # experts calls of the step then skip theirs, so that none of them waits for the GPU.
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        kernels.check_values(batch.rollout.completion_ids, vocab, {"advantages": batch.advantages})
+        with kernels.value_checks(False):
+            return self._learn(batch, t0, t1)
+
+    def _learn(self, batch: Batch, t0: float, t1: float) -> dict:
+        """Log-probs, the mu optimizer steps and the metrics of one sampled batch."""
+        cfg = self.cfg
         rollout = batch.rollout
         loss_mask = rollout.completion_mask.float()
         if cfg.sampling.mask_truncated_completions:
@@ -410,6 +445,9 @@ class GRPOTrainer:
         )
 
     def _reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        if self.parts.lora is not None:  # the base model: the policy with its adapters off
+            with lora_mod.adapters_disabled(self.model):
+                return self.forward.logprobs(self.model, rollout, replay=False)
         if not self.cfg.model.ref_on_cpu or self.device.type == "cpu" or self.world > 1:
             return self.policy_logprobs(self.ref_model, rollout)
         self.ref_model.to(self.device)  # on the accelerator only while it is used
@@ -433,7 +471,7 @@ class GRPOTrainer:
         importance_sampling_ratio). Returns the loss and the means of the loss statistics
         (token-weighted; the per-sequence extremes *_min / *_max as extremes)."""
         rollout, fwd = batch.rollout, self.forward
-        parts = fwd.micro_batches(len(rollout))
+        parts = fwd.micro_batches(len(rollout), rollout)
         counts = dict(
             num_sequences=int(dist_mod.all_reduce(len(rollout))),
             num_items=dist_mod.all_reduce(loss_mask.sum()).clamp(min=1.0),
@@ -479,7 +517,9 @@ class GRPOTrainer:
         hidden states with the lm_head fused into the loss."""
         fwd, loss_cfg = self.forward, self.cfg.loss
         rollout = batch.rollout
-        if fwd.fused:  # the lm_head inside the loss: no (mb, C, V) logits
+        if fwd.packing:  # one padding-free row; the lm_head on the completion tokens only
+            loss_fn, aux = fwd.packed_loss_fn(self.model, rollout, rows)
+        elif fwd.fused:  # the lm_head inside the loss: no (mb, C, V) logits
             states, weight = fwd.hidden(self.model, rollout, rows)
             loss_fn, aux = functools.partial(kernels.linear_grpo_loss, states, weight), None
         else:
@@ -533,5 +573,10 @@ class GRPOTrainer:
 
     def evaluate(self) -> dict:
         """Greedy held-out accuracy and format rate."""
-        check = self.task.reward_functions()[0][1] if self.task else rewards_mod.accuracy_reward
-        return greedy_accuracy(self.engine, self.eval_examples, self.prompt, check)
+        if self.task:
+            check = self.task.reward_functions()[0][1]
+        else:  # a dataset: its correctness reward (accuracy, or code)
+            check = rewards_mod.correctness_reward(self.reward_fns)
+        result = greedy_accuracy(self.engine, self.eval_examples, self.prompt, check)
+        rewards_mod.reward_metrics(self.reward_fns)  # the evaluation's counts are no step's
+        return result

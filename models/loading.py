@@ -60,6 +60,10 @@ def load_model(
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{path}: no config.json (is this a Hugging Face model directory?)")
+    try:
+        json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{config_file}: not a JSON file ({e})") from e
     config = AutoConfig.from_pretrained(path)
     check_family(config.model_type, str(config_file))
 
@@ -180,8 +184,8 @@ def _weight_map(path: Path) -> dict[str, Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+            weight_map = json.loads(index.read_text(), object_pairs_hook=_no_repeats)["weight_map"]
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError, ValueError) as e:
             raise CheckpointError(f"{index}: not a safetensors index ({e})") from e
         shards = {name: path / file for name, file in weight_map.items()}
         for shard in sorted(set(shards.values())):
@@ -191,11 +195,26 @@ def _weight_map(path: Path) -> dict[str, Path]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{path}: no *.safetensors files")
-    shards = {}
+    shards: dict[str, Path] = {}
     for file in files:
         with _open_shard(file) as f:
-            shards.update({name: file for name in f.keys()})
+            for name in f.keys():
+                if name in shards:  # which copy is right cannot be told: neither is loaded
+                    raise CheckpointError(
+                        f"{name} is in two shards, {shards[name].name} and {file.name}"
+                    )
+                shards[name] = file
     return shards
+
+
+def _no_repeats(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose keys are unique (json.loads keeps the last of repeated keys)."""
+    seen: dict[str, object] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"{key} is listed twice")
+        seen[key] = value
+    return seen
 
 
 @contextlib.contextmanager
@@ -225,6 +244,12 @@ def _stream_checkpoint(model: PreTrainedModel, path: Path, model_type: str) -> N
     for file, keys in sorted(by_file.items()):
         with _open_shard(file) as f:
             available = set(f.keys())
+            unindexed = sorted(available - set(keys))
+            if unindexed:  # the index places them elsewhere, or nowhere: ambiguous either way
+                raise CheckpointError(
+                    f"{file} holds {_some(unindexed)}, which the index "
+                    f"(model.safetensors.index.json) does not place in this shard"
+                )
             for key in keys:
                 if key not in available:
                     raise CheckpointError(f"{file}: index says it holds {key}, but it does not")
@@ -243,6 +268,10 @@ def _stream_checkpoint(model: PreTrainedModel, path: Path, model_type: str) -> N
                 _copy(f, key, file, targets[name], adopt=True)
                 loaded.add(name)
     _check_complete(path, targets, aliases, non_persistent, loaded, pieces)
+
+
+def _some(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def _tied_aliases(model: PreTrainedModel) -> set[str]:

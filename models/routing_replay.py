@@ -31,10 +31,18 @@ from torch import nn
 from .layout import MOE_FAMILIES
 
 
+def _experts(block: nn.Module) -> nn.Module | None:
+    """A block's experts module, seen through adapter wrappers (peft's LoRA on the stacked
+    expert parameters wraps it in layers whose `get_base_layer()` returns it)."""
+    experts = getattr(block, "experts", None)
+    unwrap = getattr(experts, "get_base_layer", None)
+    return unwrap() if unwrap is not None else experts
+
+
 def _routers(model: nn.Module) -> list[nn.Module]:
     """The router of every MoE block, in layer order."""
     return [m.gate for m in model.modules()
-            if hasattr(m, "gate") and hasattr(getattr(m, "experts", None), "gate_up_proj")]
+            if hasattr(m, "gate") and hasattr(_experts(m), "gate_up_proj")]
 
 
 def routing_weights(family: str, router: nn.Module, logits: torch.Tensor,
@@ -87,7 +95,8 @@ class RoutingReplay:
         return layers
 
     def set(self, routing: torch.Tensor) -> None:
-        """Replay these ids, (L, rows, S, k), in the following forwards (and recomputes)."""
+        """Replay these ids, (L, rows, S, k), in the following forwards (and recomputes); a
+        token whose ids are -1 routes itself."""
         if routing.shape[0] != len(self.routers):
             raise ValueError(f"routing has {routing.shape[0]} layers, the model "
                              f"{len(self.routers)} MoE layers")
@@ -113,7 +122,8 @@ class RoutingReplay:
         rows, seq = replay.shape[0], ids.shape[0] // replay.shape[0]
         ids = ids.view(rows, seq, -1).clone()
         n = min(seq, replay.shape[1])  # the last token of a rollout was never routed
-        ids[:, :n] = replay[:, :n]
+        # A negative id (a packed token with no record) keeps the router's own choice.
+        ids[:, :n] = torch.where(replay[:, :n] >= 0, replay[:, :n], ids[:, :n])
         ids = ids.view(-1, ids.shape[-1])
         new = routing_weights(self.family, router, logits, ids).to(weights.dtype)
         return logits, new, ids

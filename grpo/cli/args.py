@@ -17,13 +17,16 @@ character-level tokenizer (a model the demo built), grpo-train's defaults otherw
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from .. import files
 from ..evaluation import (
     Samples,
     build_engine,
@@ -37,14 +40,101 @@ from ..evaluation import (
 from ..rewards import RewardError
 from ..tasks import Task
 
-# Bad input (a missing file, a malformed dataset, a reward that cannot run): a message.
-BAD_INPUT = (ValueError, RewardError)
+# Bad input (a missing file, a malformed dataset or checkpoint, a reward that cannot run): a
+# message. FileNotFoundError: a checkpoint or model missing one of its files.
+BAD_INPUT = (ValueError, RewardError, FileNotFoundError)
 
 
 def bad_input(prog: str, error: Exception) -> int:
     """Print `prog: error: ...` on stderr; returns the exit status, 2 (as argparse's)."""
     print(f"{prog}: error: {error}", file=sys.stderr)
     return 2
+
+
+def failed_write(prog: str, error: BaseException, *, retry: str, option: str) -> int | None:
+    """A filesystem that refused a write (full, read-only, no permission): one line on stderr
+    saying what to do, exit status 1. None when `error` is something else (re-raise it).
+    retry: how to go on once space is freed; option: the flag that names the output."""
+    found = files.write_error(error)
+    if found is None:
+        return None
+    code, what = found
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        advice = f"free some space, then {retry}"
+    else:
+        advice = f"choose a writable {option}"
+    print(f"{prog}: error: cannot write: {what}; {advice}", file=sys.stderr)
+    return 1
+
+
+# What a saved model directory holds (models.save_model, a tokenizer, grpo-eval's report):
+# grpo-sft --overwrite replaces a directory of these and nothing else (adapter/: the LoRA
+# adapters grpo-sft --lora-rank writes beside the merged model).
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json",
+               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json",
+               "eval.json", "adapter")  # fmt: skip
+
+
+def check_output(path: Path, *, overwrite: bool, kind: str) -> None:
+    """Refuse to write `path` where that would destroy something: an existing output is
+    replaced only with --overwrite, and only when it is what this kind of command writes
+    (kind: "model" directory, "jsonl" rows, "report" JSON). ValueError naming what is there."""
+    if kind == "model":
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"--output-dir {path} is a file, not a directory")
+        found = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+        if not found:
+            return
+        foreign = [n for n in found if not _model_file(n)]
+        if foreign or "config.json" not in found:
+            what = ", ".join(foreign[:5]) or "no config.json"
+            raise ValueError(
+                f"--output-dir {path} is not empty and not a saved model (found {what}): "
+                f"choose a new directory; nothing was changed"
+            )
+        if not overwrite:
+            raise ValueError(f"--output-dir {path} holds a model; pass --overwrite to replace it")
+        return
+    flag = "--output"
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory, not a file")
+    if not path.exists():
+        return
+    if not _looks_like(path, kind):
+        raise ValueError(
+            f"{flag} {path} exists and is not a {kind} this command wrote: choose a new file; "
+            f"nothing was changed"
+        )
+    if not overwrite:
+        raise ValueError(f"{flag} {path} exists; pass --overwrite to replace it")
+
+
+def _model_file(name: str) -> bool:
+    hidden = name.startswith(".") and ".tmp-" in name  # a save interrupted earlier
+    return name in MODEL_FILES or name.endswith(".safetensors") or hidden
+
+
+def _looks_like(path: Path, kind: str) -> bool:
+    """A JSONL of prompt/completion rows (grpo-sample), or a grpo-eval report."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            if kind == "jsonl":
+                first = f.readline()
+                row = json.loads(first) if first.strip() else {}
+                return isinstance(row, dict) and (not row or {"prompt", "completion"} <= set(row))
+            report = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and {"settings", "metrics"} <= set(report)
+
+
+def add_overwrite_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"replace an existing {what} (only ever one this command wrote)",
+    )
 
 
 def describe(doc: str) -> str:
@@ -152,9 +242,7 @@ def load_source(
     """Load --model (eval mode), resolve its template and completion length, and take the
     prompts of `split` (grpo.evaluation.prompt_examples) and the task's rewards plus
     extra_rewards."""
-    model, tokenizer, device = load_model_for_eval(args.model)
-    template = resolve_template(args.template, tokenizer)
-    max_new = resolve_completion_length(args.max_completion_length, tokenizer)
+    # Prompts and rewards first: a bad dataset or a missing sandbox fails before the model loads.
     task, examples = prompt_examples(
         task=args.task,
         task_args=args.task_args,
@@ -166,6 +254,9 @@ def load_source(
         needs_answer=needs_answer,
     )
     reward_fns = reward_functions(task, extra_rewards)
+    model, tokenizer, device = load_model_for_eval(args.model)
+    template = resolve_template(args.template, tokenizer)
+    max_new = resolve_completion_length(args.max_completion_length, tokenizer)
     return Source(model, tokenizer, device, template, max_new, task, examples, reward_fns)
 
 

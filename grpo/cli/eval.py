@@ -8,7 +8,9 @@ estimator of Chen et al. 2021), cons@k (the majority answer, ties to the answer 
 first), the format rate, every reward's mean, the mean completion length and the truncation
 rate; with --greedy also the greedy accuracy that grpo-train's evaluate() reports. Built-in
 tasks use the held-out prompts of grpo-train with the same --seed and --eval-size; a JSONL
-file (--data) is used whole. The rewards are the training ones (the task's, plus --reward).
+file (--data) is used whole. The rewards are the training ones (the task's, plus --reward);
+with --data and --reward code, the programs are run against the dataset's tests
+(grpo.code_reward) and pass@k counts the samples that pass them all.
 The metrics are grpo.evaluation's (summarize); this module parses, prints and writes.
 """
 
@@ -23,13 +25,17 @@ from pathlib import Path
 import torch
 
 from ..evaluation import default_pass_ks, per_prompt, summarize
+from ..files import atomic_write
 from .args import (
     BAD_INPUT,
     add_model_arguments,
+    add_overwrite_argument,
     add_prompt_arguments,
     add_sampling_arguments,
     bad_input,
+    check_output,
     describe,
+    failed_write,
     load_source,
     open_engine,
     sample,
@@ -67,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="include every prompt's completions in the JSON",
     )
     parser.add_argument("--output", default="", help="JSON report [MODEL/eval.json]")
+    add_overwrite_argument(parser, "report")
     return parser
 
 
@@ -74,16 +81,18 @@ def run(args: argparse.Namespace) -> dict:
     """Run the evaluation the parsed flags describe; returns the JSON report."""
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    check_output(report_path(args), overwrite=args.overwrite, kind="report")
     pass_ks = args.pass_k or default_pass_ks(args.samples)
     bad = [j for j in pass_ks if not 1 <= j <= args.samples]
     if bad:
         raise ValueError(f"--pass-k values must be in [1, --samples={args.samples}], got {bad}")
-    # A JSONL file is scored by the accuracy reward, which needs an answer per prompt.
+    # A JSONL file is scored by the accuracy reward, which needs an answer per prompt, or by
+    # the code reward (--reward code), which needs tests instead.
     source = load_source(
         args,
         split="eval",
         num_prompts=args.num_prompts,
-        needs_answer=True,
+        needs_answer="code" not in args.reward,
         extra_rewards=args.reward,
     )
     torch.manual_seed(args.seed)
@@ -137,12 +146,21 @@ def main(argv: list[str] | None = None) -> int:
         report = run(args)
     except BAD_INPUT as e:  # bad input: a message, not a traceback
         return bad_input(PROG, e)
-    output = Path(args.output) if args.output else Path(args.model) / "eval.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2))
+    output = report_path(args)
+    try:
+        atomic_write(output, json.dumps(report, indent=2))
+    except Exception as e:  # a full disk, a read-only model directory: say so
+        status = failed_write(PROG, e, retry="run it again", option="--output")
+        if status is None:
+            raise
+        return status
     print(format_table(report))
     print(f"report written to {output}")
     return 0
+
+
+def report_path(args: argparse.Namespace) -> Path:
+    return Path(args.output) if args.output else Path(args.model) / "eval.json"
 
 
 if __name__ == "__main__":

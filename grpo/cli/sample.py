@@ -30,13 +30,17 @@ from pathlib import Path
 import torch
 
 from ..evaluation import rejection_filter
+from ..files import atomic_write
 from .args import (
     BAD_INPUT,
     add_model_arguments,
+    add_overwrite_argument,
     add_prompt_arguments,
     add_sampling_arguments,
     bad_input,
+    check_output,
     describe,
+    failed_write,
     load_source,
     open_engine,
     sample,
@@ -70,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         "letters in <think>; the 'language' column, default en) >= X",
     )
     parser.add_argument("--output", required=True, help="JSONL of prompt/completion rows")
+    add_overwrite_argument(parser, "--output file")
     return parser
 
 
@@ -77,6 +82,7 @@ def run(args: argparse.Namespace) -> dict:
     """Sample, filter and write args.output; returns the statistics."""
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    check_output(Path(args.output), overwrite=args.overwrite, kind="jsonl")
     extra = list(args.reward)
     if args.min_language_consistency is not None and "language" not in extra:
         extra.append("language")
@@ -84,7 +90,7 @@ def run(args: argparse.Namespace) -> dict:
         args,
         split="train",
         num_prompts=args.num_prompts or (None if args.data else _DEFAULT_TASK_PROMPTS),
-        needs_answer=args.keep == "correct",
+        needs_answer=args.keep == "correct" and "code" not in extra,
         extra_rewards=extra,
     )
     torch.manual_seed(args.seed)
@@ -97,11 +103,7 @@ def run(args: argparse.Namespace) -> dict:
         max_per_prompt=args.max_per_prompt,
         min_language=args.min_language_consistency,
     )
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with output.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    atomic_write(Path(args.output), "".join(json.dumps(row) + "\n" for row in rows))
     stats.update(template=source.template, seconds=round(time.perf_counter() - start, 1))
     return stats
 
@@ -112,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         stats = run(args)
     except BAD_INPUT as e:  # bad input: a message, not a traceback
         return bad_input(PROG, e)
+    except Exception as e:  # a full disk, a read-only directory: say so, else a traceback
+        status = failed_write(PROG, e, retry="run it again", option="--output")
+        if status is None:
+            raise
+        return status
     print(json.dumps(stats))
     print(
         f"{stats['kept']} of {stats['sampled']} completions kept "

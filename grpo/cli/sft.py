@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,11 +24,21 @@ import torch
 from models import load_model, make_tiny, save_model
 
 from .. import data as data_mod
+from .. import distributed as dist_mod
+from .. import lora as lora_mod
 from .. import tasks as tasks_mod
 from ..config import DEMO, DEMO_MODEL, is_demo
 from ..evaluation import resolve_template
 from ..sft import run_sft
-from .args import BAD_INPUT, add_prompt_arguments, bad_input, describe
+from .args import (
+    BAD_INPUT,
+    add_overwrite_argument,
+    add_prompt_arguments,
+    bad_input,
+    check_output,
+    describe,
+    failed_write,
+)
 
 PROG = "grpo-sft"
 
@@ -60,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--max-length", type=int, default=512, help="packed row length")
     group.add_argument("--output-dir", required=True)
+    add_overwrite_argument(parser, "model in --output-dir")
+    lora_mod.add_arguments(parser)  # as grpo-train's; --lr: LoRA usually wants ~10x
     return parser
 
 
@@ -67,22 +80,27 @@ def run(args: argparse.Namespace) -> str:
     """Train the model the parsed flags describe and save it to --output-dir; returns the
     line to print. Bad input raises ValueError."""
     out = Path(args.output_dir)
+    check_output(out, overwrite=args.overwrite, kind="model")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     demo = is_demo(args.model)
     if not demo and not (Path(args.model) / "config.json").is_file():
         raise ValueError(f"--model {args.model!r} is not a directory with a config.json")
-    if demo:
-        path = make_tiny(
-            out.with_name(out.name + "-init"),
-            family=DEMO_MODEL["family"],
-            hidden=args.tiny_hidden,
-            layers=args.tiny_layers,
-            seed=args.seed,
-        )
+    lora = lora_mod.settings_from_args(args)  # None: train the full model
+    if demo:  # a fresh tiny model, built in a temporary directory and loaded from there
+        with tempfile.TemporaryDirectory(prefix="grpo-sft-init-") as init:
+            path = make_tiny(
+                Path(init) / "model",
+                family=DEMO_MODEL["family"],
+                hidden=args.tiny_hidden,
+                layers=args.tiny_layers,
+                seed=args.seed,
+            )
+            model, tokenizer = load_model(path, dtype=dtype, device=device)
     else:
-        path = Path(args.model)
-    model, tokenizer = load_model(path, dtype=dtype, device=device)
+        model, tokenizer = load_model(Path(args.model), dtype=dtype, device=device)
+    if lora is not None:
+        lora_mod.apply_lora(model, lora, base=args.model or out, seed=args.seed)
     # The template grpo-train and grpo-eval pick for this tokenizer, so a distilled student
     # is trained on the prompts it will be evaluated on.
     template = resolve_template(args.template, tokenizer)
@@ -100,7 +118,12 @@ def run(args: argparse.Namespace) -> str:
         seed=args.seed,
         packing=args.max_length if args.packing else None,
     )
-    save_model(model, tokenizer, out)
+    if lora is None:
+        save_model(model, tokenizer, out)
+    else:  # merged in out/; the adapters in PEFT's format in out/adapter/ (onto --model)
+        dist_mod.save_full_model(model, tokenizer, out)
+        if not demo:  # (a fresh demo model is not kept: no base to apply them to)
+            lora_mod.save_adapter(model, tokenizer, out / "adapter")
     return (
         f"final loss {loss:.4f} after {args.steps} steps on {len(pairs)} examples "
         f"({time.perf_counter() - start:.0f} s); model saved to {out}"
@@ -134,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         print(run(args))
     except BAD_INPUT as e:  # bad input: a message, not a traceback
         return bad_input(PROG, e)
+    except Exception as e:  # a full disk, a read-only directory: say so, else a traceback
+        status = failed_write(PROG, e, retry="run it again", option="--output-dir")
+        if status is None:
+            raise
+        return status
     return 0
 
 

@@ -15,7 +15,13 @@ from .. import distributed
 from ..build import build_trainer
 from ..config import parse_config
 from ..trainer import Interrupted, NonFiniteError
-from .args import BAD_INPUT, bad_input
+from .args import BAD_INPUT, bad_input, failed_write
+
+# A failed write never replaces the last checkpoint, so the run goes on from there.
+RETRY = (
+    "rerun with --resume to continue from the run's last checkpoint (a failed write never "
+    "replaces it), or with --overwrite if it has none yet"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:  # Ctrl-C or SIGTERM: the checkpoint is written
         print(f"grpo-train: interrupted: {e}", file=sys.stderr, flush=True)
         return 128 + e.signum
+    except Exception as e:  # a full disk, a read-only directory: say so, else a traceback
+        status = failed_write("grpo-train", e, retry=RETRY, option="--output-dir")
+        if status is None:
+            raise
+        return status
     finally:
         left_group = distributed.shutdown(wait_for_peers=finished)
     if main_process:

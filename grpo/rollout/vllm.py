@@ -8,6 +8,14 @@ filled. The engine runs in the trainer's process (`VLLM_ENABLE_V1_MULTIPROCESSIN
 the weights move GPU to GPU without serialisation; under torchrun every rank holds a
 tensor-parallel-1 engine on its own GPU (`distributed_executor_backend="external_launcher"`).
 
+A LoRA policy (grpo.lora) is pushed merged, W + alpha / r x B A per adapted weight, under the
+model's own names: vLLM then samples through the very code path it uses for a fully trained
+policy. vLLM's own LoRA serving was not chosen: it computes the adapters beside the base
+(punica kernels, another numerical path than the trainer's), adapts only the modules it knows
+(not MoE experts adapted through peft's target_parameters), needs a new adapter id and files
+on disk every step, and costs time on every decoded token; the merged push costs one
+weight load per step, as full fine-tuning does.
+
 vLLM returns the log-prob of each sampled token under the distribution it sampled from
 (`logprobs_mode="processed_logprobs"`: after temperature and top_p), which is what the
 sampler correction (kernels.reference.sampler_importance_weights) compares with the trainer's.
@@ -103,7 +111,13 @@ class VLLMEngine:
 
     def _policy_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, full tensor) of every parameter and buffer vLLM loads; sharded (FSDP)
-        parameters are gathered one at a time, by every rank in the same order."""
+        parameters are gathered one at a time, by every rank in the same order. A LoRA policy
+        sends its merged weights (base + adapters), under the model's own names."""
+        from ..lora import is_lora, merged_weights
+
+        if is_lora(self.model):
+            yield from merged_weights(self.model)
+            return
         names = {name for name, _ in self.model.named_parameters()}
         for name, tensor in self.model.state_dict().items():
             if name not in names:

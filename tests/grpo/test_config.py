@@ -42,7 +42,7 @@ def _value(name: str):
                "output_dir": "somewhere", "run_name": "r", "sft_data": "", "resume": False,
                "overwrite": True, "compile_generation": False, "top_p": 0.9, "delta": None,
                "vllm_gpu_memory_utilization": 0.5, "top_entropy_quantile": 0.5,
-               "off_policy_mask_threshold": 0.5, "eps_high": 0.28}
+               "off_policy_mask_threshold": 0.5, "eps_high": 0.28, "eval_size": 50}
     if name in special:
         return special[name]
     default = f.default

@@ -99,7 +99,7 @@ def test_resume_with_another_world_size(model, one_process, tmp_path, first, the
     flags = [*COMMON, "--loss-type", "dapo", "--scale-rewards", "batch"]
     _run(first, out, model, *flags[:1], "1", *flags[2:])
     assert len(list((out / "checkpoint" / "dcp").glob("*.distcp"))) == first
-    resumed = _run(then, out, model, *flags, "--resume")
+    resumed = _run(then, out, model, *flags, "--resume", "--resume-override", "steps")
     assert len(resumed["steps"]) == 1
     second = resumed["steps"][0]
     for key in ("loss", "kl", "grad_norm"):
@@ -121,3 +121,23 @@ def test_unequal_batches_do_not_hang(model, tmp_path):
     # Mixed precision: fp32 master weights, bf16 compute, and final/ saved in bf16.
     final = _weights(tmp_path / "run" / "final")
     assert {t.dtype for t in final.values()} == {torch.bfloat16}
+
+
+def test_lora_two_processes_match_one(model, tmp_path):
+    """LoRA under FSDP2 (gloo): the adapters are sharded with their decoder layers, the
+    reference is the policy with its adapters off, and two processes give one process's
+    advantages, losses, KL, gradient norms and merged final weights."""
+    flags = [*COMMON, "--loss-type", "dapo", "--lora-rank", "4", "--learning-rate", "1e-2"]
+    one = _run(1, tmp_path / "one", model, *flags)
+    two = _run(2, tmp_path / "two", model, *flags)
+    assert two["world"] == 2 and two["greedy"] == one["greedy"]
+    _assert_same_run(one, two, tmp_path / "one", tmp_path / "two", model)
+    assert len(list((tmp_path / "two" / "checkpoint" / "dcp").glob("*.distcp"))) == 2
+    for run in ("one", "two"):  # adapter-only checkpoints; final/ merged plus PEFT's adapter
+        assert (tmp_path / run / "checkpoint" / "adapter" / "adapter_config.json").is_file()
+        assert not (tmp_path / run / "checkpoint" / "model").exists()
+    aa = load_file(tmp_path / "one" / "final" / "adapter" / "adapter_model.safetensors")
+    ab = load_file(tmp_path / "two" / "final" / "adapter" / "adapter_model.safetensors")
+    assert aa.keys() == ab.keys() and all(k.startswith("base_model.model.") for k in aa)
+    for k in aa:
+        torch.testing.assert_close(ab[k], aa[k], rtol=0, atol=1e-5, msg=k)

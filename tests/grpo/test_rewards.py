@@ -163,7 +163,7 @@ def test_overlong_reward():
 
 def test_resolve_reward():
     assert resolve_reward("accuracy") == ("accuracy", accuracy_reward)
-    assert set(REWARDS) == {"accuracy", "format", "language", "countdown", "overlong"}
+    assert set(REWARDS) == {"accuracy", "format", "language", "countdown", "overlong", "code"}
     assert resolve_reward("grpo.rewards:format_reward") == ("format_reward", format_reward)
     with pytest.raises(ValueError, match="unknown reward"):
         resolve_reward("nope")

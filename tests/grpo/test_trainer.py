@@ -7,10 +7,6 @@ import dataclasses
 import json
 import math
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +18,8 @@ from grpo.config import GRPOConfig, parse_config
 from grpo.metrics import read_metrics
 from grpo.rollout import Rollout
 from models import load_model, make_tiny
+
+from .runs import comparable, grpo_train, interrupt_after
 
 FAST = dict(steps=3, sft_steps=2, prompts_per_step=2, num_generations=4,
             max_completion_length=12, eval_size=8, micro_batch_size=4, progress=False,
@@ -119,20 +117,16 @@ def test_mu_iterations_are_optimizer_steps(tmp_path):
     assert any(line["clip_ratio/region_mean"] > 0 for line in lines)
 
 
-def _comparable(line: dict) -> dict:
-    return {k: v for k, v in line.items() if not k.startswith(("seconds", "tokens_per_s"))}
-
-
 def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     opts = dict(steps=4, save_every=2, dynamic_sampling=True)
     build_trainer(_config(tmp_path / "a", **opts)).train()
     build_trainer(_config(tmp_path / "b", **{**opts, "steps": 2})).train()
-    build_trainer(_config(tmp_path / "b", **opts, resume=True)).train()
+    build_trainer(_config(tmp_path / "b", **opts, resume=True, resume_override=["steps"])).train()
     whole = read_metrics(tmp_path / "a" / "run" / "metrics.jsonl")
     resumed = read_metrics(tmp_path / "b" / "run" / "metrics.jsonl")
     assert [m["step"] for m in resumed] == [1, 2, 3, 4]
     for a, b in zip(whole[2:], resumed[2:], strict=True):
-        assert _comparable(a) == pytest.approx(_comparable(b), nan_ok=True)
+        assert comparable(a) == pytest.approx(comparable(b), nan_ok=True)
 
 
 def test_cli_rejects_bad_input(tmp_path, capsys):
@@ -157,7 +151,7 @@ def test_cli_rejects_bad_input(tmp_path, capsys):
 
 
 def test_output_dir_holding_another_run(tmp_path):
-    build_trainer(_config(tmp_path, steps=1))
+    build_trainer(_config(tmp_path, steps=1)).train()
     with pytest.raises(ValueError, match="holds another run; pass --resume"):
         build_trainer(_config(tmp_path, steps=1))
     build_trainer(_config(tmp_path, steps=1, overwrite=True))  # replaces it
@@ -371,36 +365,13 @@ def test_overwrite_deletes_only_what_a_run_wrote(tmp_path):
     assert (run / "my-notes.md").read_text() == "keep me" and (run / "config.json").is_file()
 
 
-SMALL_RUN = ["--steps", "6", "--sft-steps", "2", "--prompts-per-step", "2",
-             "--num-generations", "4", "--max-completion-length", "12", "--eval-size", "8",
-             "--micro-batch-size", "4", "--no-progress", "--rewards", "accuracy", "format",
-             "--no-dynamic-sampling", "--temperature", "1.0", "--device", "cpu"]
-
-
-def _grpo_train(out, *flags) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "grpo.cli.train", *SMALL_RUN,
-                             "--output-dir", str(out), *flags],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[2])
-
-
-def _interrupt_after(proc, metrics_file: Path, steps: int, signum: int) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics_file.is_file() and len(metrics_file.read_text().splitlines()) >= steps:
-            proc.send_signal(signum)
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"the run did not reach step {steps}: {proc.communicate()}")
-
-
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_and_sigterm_checkpoint_and_resume_exactly(tmp_path, signum):
     """A real grpo-train process: the signal ends it after the current step with a checkpoint
     and exit status 128 + signal; --resume then gives the metrics of an uninterrupted run."""
     out = tmp_path / "run"
-    proc = _grpo_train(out)
-    _interrupt_after(proc, out / "metrics.jsonl", 2, signum)
+    proc = grpo_train(out)
+    interrupt_after(proc, out / "metrics.jsonl", 2, signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum, err
     assert "checkpoint in" in err and "--resume" in err and "Traceback" not in err, err
@@ -408,12 +379,12 @@ def test_ctrl_c_and_sigterm_checkpoint_and_resume_exactly(tmp_path, signum):
     assert 2 <= done["step"] < 6, done
     if signum == signal.SIGTERM:
         return  # the resume below is the same for both; run it once
-    resumed = _grpo_train(out, "--resume")
+    resumed = grpo_train(out, "--resume")
     _, err = resumed.communicate(timeout=180)
     assert resumed.returncode == 0, err
-    whole = _grpo_train(tmp_path / "whole")
+    whole = grpo_train(tmp_path / "whole")
     _, err = whole.communicate(timeout=180)
     assert whole.returncode == 0, err
-    a = [_comparable(x) for x in read_metrics(out / "metrics.jsonl")]
-    b = [_comparable(x) for x in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
+    a = [comparable(x) for x in read_metrics(out / "metrics.jsonl")]
+    b = [comparable(x) for x in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
     assert a == b

@@ -239,6 +239,48 @@ def test_error_index_names_missing_shard(tiny_dirs, tmp_path):
         load_model(path)
 
 
+def test_error_tensor_in_a_shard_but_not_in_the_index(tiny_dirs, tmp_path):
+    """A shard holding a tensor the index places elsewhere (or nowhere): which copy is right
+    cannot be told, so neither is loaded."""
+    path = _copy(tiny_dirs["qwen2"], tmp_path)
+    file0, key0 = _shard_of(path, "embed_tokens")
+    file1, _ = _shard_of(path, "lm_head")
+    assert file0 != file1
+    copy = load_file(file0)[key0]
+    _rewrite(file1, lambda t: t.update({key0: torch.zeros_like(copy)}))
+    with pytest.raises(CheckpointError, match=rf"{file1.name} holds {key0}, which the index"):
+        load_model(path)
+
+
+def test_error_tensor_in_two_shards_without_an_index(tiny_dirs, tmp_path):
+    path = _copy(tiny_dirs["qwen2"], tmp_path)
+    file0, key0 = _shard_of(path, "embed_tokens")
+    file1, _ = _shard_of(path, "lm_head")
+    (path / "model.safetensors.index.json").unlink()
+    _rewrite(file1, lambda t: t.update({key0: load_file(file0)[key0] * 0}))
+    with pytest.raises(CheckpointError, match=rf"{key0} is in two shards, {file0.name} and "
+                                              rf"{file1.name}"):
+        load_model(path)
+
+
+def test_error_index_lists_a_tensor_twice(tiny_dirs, tmp_path):
+    path = _copy(tiny_dirs["qwen2"], tmp_path)
+    index_file = path / "model.safetensors.index.json"
+    text = index_file.read_text()
+    first = text.index('"model.')
+    line_end = text.index("\n", first)
+    index_file.write_text(text[:line_end] + "\n" + text[first:line_end] + text[line_end:])
+    with pytest.raises(CheckpointError, match="not a safetensors index .* listed twice"):
+        load_model(path)
+
+
+def test_error_config_json_not_json(tiny_dirs, tmp_path):
+    path = _copy(tiny_dirs["qwen2"], tmp_path)
+    (path / "config.json").write_text("{oops")
+    with pytest.raises(CheckpointError, match=r"config\.json: not a JSON file"):
+        load_model(path)
+
+
 def test_error_bad_options_and_missing_tokenizer(tiny_dirs, tmp_path):
     with pytest.raises(CheckpointError, match="dtype must be a floating"):
         load_model(tiny_dirs["qwen2"], dtype=torch.int64)

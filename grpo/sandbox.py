@@ -1,0 +1,554 @@
+"""Running programs a policy wrote, in a bubblewrap sandbox: the machinery under the code reward.
+
+A policy in RL writes whatever earns reward, including programs that loop forever, fork, eat
+memory, read files, open sockets or try to tamper with the grader, so this is a security
+boundary. Each sample gets one sandbox start (``Sandbox.session``), in which the harness
+(``grpo/sandbox_harness.py``) runs its tests one by one, each in a forked child:
+
+- bubblewrap (``bwrap``): new user, PID, network, IPC, UTS (and cgroup) namespaces, no
+  nested user namespaces, ``--die-with-parent``; read-only binds of ``/usr`` (the system
+  libraries the interpreter links, and a system interpreter) and, for an interpreter outside
+  it, of that interpreter and its ``lib/``; a read-only root and ``/dev``; private tmpfs of
+  ``tmp_size_mb`` each as the working directory (``/tmp``) and ``/dev/shm``. No home, no
+  project, no run directory, no /proc, an empty environment. Run as root, the sandbox drops
+  to ``nobody`` first (root is exempt from the process limit), with an interpreter
+  ``nobody`` can read.
+- inside, rlimits: address space (``memory_mb``), processes and threads (``processes``, per
+  sandbox: its own user namespace counts them), file size, open files, no core files, and
+  per test CPU seconds (the timeout, rounded up, plus one);
+- outside and inside, the wall clock: the harness kills a test at ``timeout`` seconds and
+  clears every process the test left; the grader kills the whole sandbox when the harness
+  does not answer in time. Killing bwrap kills the sandbox's init, and with it every process
+  in its PID namespace: nothing outlives a session.
+- the program's stdout is kept up to ``output_bytes`` (then the test stops), its stderr up to
+  4 KiB; verdicts travel on a separate pipe the program cannot reach.
+
+``kind="none"`` runs the same harness as an ordinary process (a temporary working directory,
+an empty environment, the rlimits but the process limit): nothing is isolated, so it is only
+used when asked for by name. ``run_parallel`` grades many samples at once; a sample still
+running after a while (most likely waiting out a timeout) gives its worker to the next one,
+so timeouts overlap instead of queueing. Its priority stays as it was: deprioritizing slow
+samples would save the CPU of busy loops, but fails correct programs whose tests together
+take longer than the threshold (measured: 0 of 8 passed instead of 8 of 8).
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import json
+import marshal
+import math
+import os
+import select
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .sandbox_harness import ASSERT_EXIT, MEMORY_EXIT, SETUP_EXIT
+
+__all__ = [
+    "ASSERT_EXIT",
+    "INSTALL_HINT",
+    "MEMORY_EXIT",
+    "NONE_WARNING",
+    "SANDBOXES",
+    "SETUP_EXIT",
+    "Limits",
+    "Run",
+    "Sandbox",
+    "SandboxError",
+    "SandboxUnavailable",
+    "Session",
+    "cpu_count",
+    "default_python",
+    "run_parallel",
+]
+
+SANDBOXES = ("bwrap", "none")
+INSTALL_HINT = (
+    "install it with `apt-get install bubblewrap` (Debian, Ubuntu; `dnf install bubblewrap` "
+    "on Fedora), or pass --code-sandbox none to run the programs unsandboxed"
+)
+NONE_WARNING = (
+    "--code-sandbox none: the programs the policy writes run as ordinary processes of this "
+    "user, limited only in memory, time, file size and open files: they can read and write "
+    "every file this user can, use the network, read the environment, signal this user's "
+    "processes and leave processes running. Use it only where that is acceptable."
+)
+_HARNESS = Path(__file__).with_name("sandbox_harness.py").read_text(encoding="utf-8")
+_NOBODY = 65534
+# Seconds the interpreter may take to start inside the sandbox (a loaded machine is slow).
+_STARTUP_SECONDS = 30.0
+# The grader waits this much beyond the harness's own timeout before killing the sandbox.
+_GRACE_SECONDS = 0.5
+
+
+class SandboxError(RuntimeError):
+    """The sandbox itself failed (it did not start, or broke its protocol): not the program's
+    doing, so the program has no verdict."""
+
+
+class SandboxUnavailable(ValueError):
+    """No working sandbox on this machine: bwrap is missing or cannot create namespaces."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one test may use. timeout: wall-clock seconds per test; memory_mb: address space
+    per process; processes: processes and threads of the program at once; file_size_mb: the
+    largest file it may write; tmp_size_mb: its /tmp (and its /dev/shm); open_files: open
+    descriptors per process; output_bytes: stdout kept (more stops the test)."""
+
+    timeout: float = 5.0
+    memory_mb: int = 1024
+    processes: int = 16
+    file_size_mb: int = 16
+    tmp_size_mb: int = 64
+    open_files: int = 64
+    output_bytes: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise ValueError(
+                f"code timeout must be a positive number of seconds, got {self.timeout}"
+            )
+        # Below this the interpreter itself does not start.
+        if self.memory_mb < 64:
+            raise ValueError(f"code memory limit must be >= 64 MB, got {self.memory_mb}")
+        for name in ("processes", "file_size_mb", "tmp_size_mb", "open_files", "output_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"sandbox limit {name} must be >= 1, got {getattr(self, name)}")
+
+    def harness(self, *, count_processes: bool) -> dict[str, Any]:
+        """The limits as the harness reads them. The sandbox's init and the harness count
+        against the process limit too."""
+        return {
+            "timeout": self.timeout,
+            "cpu_seconds": math.ceil(self.timeout) + 1,
+            "memory_bytes": self.memory_mb << 20,
+            "processes": self.processes + 2 if count_processes else None,
+            "file_bytes": self.file_size_mb << 20,
+            "open_files": self.open_files,
+            "output_bytes": self.output_bytes,
+        }
+
+
+@dataclass
+class Run:
+    """One test as the harness saw it. status: "exit" (code), "signal" (signal), "timeout",
+    "output_limit", "fork_failed", or "crashed" (the harness died: the program killed it).
+    started: the test's child got as far as running the program (False: the harness failed
+    to set it up, which no program can fake)."""
+
+    status: str
+    code: int | None = None
+    signal: int | None = None
+    stdout: bytes = b""
+    stderr: str = ""
+    token_ok: bool = False
+    seconds: float = 0.0
+    started: bool = True
+
+
+def _readable_by_others(path: str) -> bool:
+    """Whether a user other than the owner can reach and read `path` (every directory above
+    it searchable by others)."""
+    p = Path(path)
+    try:
+        if not p.stat().st_mode & stat.S_IROTH:
+            return False
+        return all(parent.stat().st_mode & stat.S_IXOTH for parent in p.parents)
+    except OSError:
+        return False
+
+
+def default_python() -> str:
+    """The interpreter that runs the programs: this one's base interpreter (a virtual
+    environment's would bring the project's packages), or, when running as root and it is
+    not readable by ``nobody`` (pyenv under /root), the system's python3."""
+    exe = os.path.realpath(getattr(sys, "_base_executable", "") or sys.executable)
+    if os.geteuid() != 0 or _readable_by_others(exe):
+        return exe
+    for candidate in ("/usr/bin/python3", "/usr/local/bin/python3"):
+        real = os.path.realpath(candidate)
+        if os.path.isfile(real) and _readable_by_others(real):
+            return real
+    return exe
+
+
+def _system_binds() -> list[str]:
+    """bwrap arguments for /usr and the top-level links into it (/lib, /lib64, /bin...), as
+    the host has them: a merged-/usr system gets symlinks, an older one read-only binds."""
+    args = ["--ro-bind", "/usr", "/usr"]
+    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        path = Path("/") / name
+        if path.is_symlink():
+            args += ["--symlink", os.readlink(path), str(path)]
+        elif path.is_dir():
+            args += ["--ro-bind", str(path), str(path)]
+    return args
+
+
+def _interpreter_binds(python: str) -> list[str]:
+    """An interpreter outside /usr (pyenv, conda, a build in /opt): itself and its lib/
+    (standard library, libpython), not the rest of its prefix."""
+    if python.startswith("/usr/"):
+        return []
+    prefix = Path(python).parent.parent
+    args = ["--ro-bind", python, python]
+    if (prefix / "lib").is_dir():
+        args += ["--ro-bind", str(prefix / "lib"), str(prefix / "lib")]
+    return args
+
+
+class Sandbox:
+    """Starts sandboxed sessions for one kind ("bwrap" or "none"), limits and interpreter."""
+
+    def __init__(
+        self, kind: str = "bwrap", limits: Limits | None = None, python: str | None = None
+    ) -> None:
+        if kind not in SANDBOXES:
+            raise ValueError(f"unknown sandbox {kind!r}; choose one of {list(SANDBOXES)}")
+        self.kind = kind
+        self.limits = limits or Limits()
+        self.python = python or default_python()
+        self._prefix = self._command_prefix()
+
+    def _command_prefix(self) -> list[str]:
+        if self.kind == "none":
+            return [self.python, "-I", "-c", _HARNESS]
+        bwrap = shutil.which("bwrap")
+        if bwrap is None:
+            return []
+        tmp = self.limits.tmp_size_mb << 20
+        return [
+            bwrap,
+            *("--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc"),
+            *("--unshare-uts", "--unshare-cgroup-try", "--disable-userns"),
+            *("--die-with-parent", "--new-session", "--clearenv", "--hostname", "sandbox"),
+            *_system_binds(),
+            *_interpreter_binds(self.python),
+            # /dev/shm for multiprocessing's semaphores; --remount-ro is not recursive.
+            *("--dev", "/dev", "--size", str(tmp), "--tmpfs", "/dev/shm", "--remount-ro", "/dev"),
+            *("--size", str(tmp), "--tmpfs", "/tmp", "--chdir", "/tmp"),
+            *("--remount-ro", "/"),
+            *(self.python, "-I", "-c", _HARNESS),
+        ]
+
+    def command(self, result_fd: int) -> list[str]:
+        """The command line of a session whose harness answers on result_fd."""
+        if not self._prefix:
+            raise SandboxUnavailable(f"bubblewrap (bwrap) is not installed: {INSTALL_HINT}")
+        return [*self._prefix, str(result_fd), "1" if self.kind == "bwrap" else "0"]
+
+    def session(self, mode: str, program: str, entry_point: str | None = None) -> Session:
+        """A started sandbox holding `program`, ready to run tests ("stdio" or "function"
+        mode). Raises SandboxError when the sandbox does not start."""
+        return Session(self, mode, program, entry_point)
+
+    def ensure_available(self) -> None:
+        """Raise SandboxUnavailable, with how to fix it, unless a sandboxed program runs and
+        its output comes back (checked once per kind and interpreter)."""
+        key = (self.kind, self.python, tuple(self._prefix[:1]))
+        with _PROBE_LOCK:
+            if key not in _PROBES:
+                _PROBES[key] = self._probe()
+        if _PROBES[key]:
+            raise SandboxUnavailable(_PROBES[key])
+
+    def _probe(self) -> str | None:
+        if not self._prefix:
+            return (
+                "the code reward runs programs in bubblewrap (bwrap), which is not installed: "
+                + INSTALL_HINT
+            )
+        try:
+            with self.session("stdio", "print(input()[::-1])") as s:
+                run = s.run(stdin="ko\n")
+        except SandboxError as e:
+            return (
+                f"bubblewrap cannot start a sandbox here ({e}); it needs unprivileged user "
+                f"namespaces (kernel.unprivileged_userns_clone=1, and on Ubuntu >= 23.10 an "
+                f"AppArmor profile that allows them for bwrap). Or pass --code-sandbox none"
+            )
+        if run.status != "exit" or run.code != 0 or run.stdout != b"ok\n":
+            return f"a sandboxed test program did not run: {run}"
+        return None
+
+
+_PROBES: dict[tuple, str | None] = {}
+_PROBE_LOCK = threading.Lock()
+
+
+def _user_kwargs(kind: str) -> dict[str, Any]:
+    """Root is exempt from RLIMIT_NPROC: the sandbox runs as nobody instead."""
+    if kind == "bwrap" and os.geteuid() == 0:
+        return {"user": _NOBODY, "group": _NOBODY, "extra_groups": []}
+    return {}
+
+
+class Session:
+    """One sandbox start for one program: `run` a test at a time, then `close` (or use it as
+    a context manager). Not thread-safe; each grading thread holds its own."""
+
+    def __init__(self, sandbox: Sandbox, mode: str, program: str, entry_point: str | None):
+        if mode not in ("stdio", "function"):
+            raise ValueError(f"mode must be 'stdio' or 'function', got {mode!r}")
+        self.limits = sandbox.limits
+        self.dead = False
+        read_fd, write_fd = os.pipe()
+        try:
+            command = sandbox.command(write_fd)  # SandboxUnavailable without bwrap
+        except SandboxUnavailable:
+            os.close(read_fd)
+            os.close(write_fd)
+            raise
+        self._workdir = tempfile.mkdtemp(prefix="grpo-sandbox-") if sandbox.kind == "none" else None
+        try:
+            self._proc = subprocess.Popen(
+                command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                pass_fds=(write_fd,),
+                env={},  # bwrap's own environment (its init's) is the sandbox's to read
+                cwd=self._workdir or "/",
+                start_new_session=True,
+                **_user_kwargs(sandbox.kind),
+            )
+        except OSError as e:
+            os.close(read_fd)
+            self._remove_workdir()
+            raise SandboxError(f"cannot start the sandbox: {e}") from e
+        finally:
+            os.close(write_fd)
+        self._results = _LineReader(read_fd)
+        job = {
+            "mode": mode,
+            "program": program,
+            "entry_point": entry_point,
+            "limits": self.limits.harness(count_processes=sandbox.kind == "bwrap"),
+        }
+        deadline = time.monotonic() + _STARTUP_SECONDS
+        try:
+            ready = self._send(job, deadline) and self._results.readline(deadline)
+        except TimeoutError:
+            ready = None
+        message = _parse(ready) if ready else None
+        if not message or not message.get("ready"):
+            error = _text(message.get("error", "")) if message else ""
+            error = error or self._stderr() or "no answer from the harness"
+            self.close()
+            raise SandboxError(error)
+
+    def run(self, stdin: str = "", test: str | None = None, check: bool = False) -> Run:
+        """One test: the program on `stdin` (stdio mode), or `test` run after it, calling
+        check(entry_point) when `check` (function mode)."""
+        if self.dead:
+            raise SandboxError("the session is closed")
+        deadline = time.monotonic() + self.limits.timeout + _GRACE_SECONDS
+        command = {"op": "run", "stdin": stdin, "test": test, "check": check}
+        try:
+            line = self._send(command, deadline) and self._results.readline(deadline)
+        except TimeoutError:  # the harness is stuck (stopped by the program?): end it all
+            self.close()
+            return Run("timeout", seconds=self.limits.timeout)
+        message = _parse(line) if line else None
+        if message is None:  # the harness is gone or garbled: only the program could do that
+            stderr = self._stderr()
+            self.close()
+            return Run("crashed", stderr=stderr)
+        return Run(
+            status=message["status"],
+            code=message.get("code"),
+            signal=message.get("signal"),
+            stdout=base64.b64decode(message.get("stdout", "")),
+            stderr=_text(message.get("stderr", "")),
+            token_ok=bool(message.get("token_ok")),
+            seconds=float(message.get("seconds", 0.0)),
+            started=bool(message.get("started", True)),
+        )
+
+    def _send(self, message: dict, deadline: float) -> bool:
+        """Write one command (a length, then marshal: the harness need not import json);
+        False when the harness no longer reads."""
+        payload = marshal.dumps(message, 4)  # version 4: read by every Python 3 since 3.4
+        data = len(payload).to_bytes(4, "little") + payload
+        fd = self._proc.stdin.fileno()
+        os.set_blocking(fd, False)
+        while data:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            select.select([], [fd], [], left)
+            try:
+                data = data[os.write(fd, data) :]
+            except BlockingIOError:
+                continue
+            except (BrokenPipeError, OSError):
+                return False
+        return True
+
+    def _stderr(self) -> str:
+        """What bwrap (or a dying harness) said, once the process is gone."""
+        try:
+            self._proc.kill()
+            self._proc.wait(timeout=5)
+            return self._proc.stderr.read(8192).decode(errors="replace").strip()
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            return ""
+
+    def close(self) -> None:
+        """End the sandbox: every process in it dies with it."""
+        if self.dead:
+            return
+        self.dead = True
+        proc = self._proc
+        # No graceful exit to wait for: killing bwrap's process group takes the sandbox's
+        # init down (--die-with-parent), and with it every process of its PID namespace.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        proc.wait()
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+        proc.stderr.close()
+        self._results.close()
+        self._remove_workdir()
+
+    def _remove_workdir(self) -> None:
+        if self._workdir:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _text(b64: str) -> str:
+    """A base64 field of an answer, as text."""
+    try:
+        return base64.b64decode(b64).decode("utf-8", "replace")
+    except ValueError:
+        return ""
+
+
+def _parse(line: bytes) -> dict | None:
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+class _LineReader:
+    """Lines from a pipe, with a deadline."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._buf = bytearray()
+
+    def readline(self, deadline: float) -> bytes | None:
+        """The next line without its newline; None at end of file; TimeoutError past the
+        deadline."""
+        while True:
+            end = self._buf.find(b"\n")
+            if end >= 0:
+                line = bytes(self._buf[:end])
+                del self._buf[: end + 1]
+                return line
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if not ready:
+                continue
+            chunk = os.read(self.fd, 1 << 20)
+            if not chunk:
+                return None
+            self._buf += chunk
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def cpu_count() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def run_parallel(
+    fn: Callable[[T], R],
+    items: Sequence[T],
+    *,
+    workers: int | None = None,
+    slow_after: float = 1.0,
+    max_running: int = 128,
+) -> list[R]:
+    """[fn(item) for item in items] on threads, `workers` (default: the cores) at a time.
+
+    A call still running after `slow_after` seconds is most likely waiting for a timeout on
+    the wall clock: it gives its slot to the next item, so a batch with timeouts takes
+    about the timeout plus the rest of its work, not the timeouts one after another.
+    `max_running` bounds the calls in flight all the same (memory).
+    """
+    n = len(items)
+    if n == 0:
+        return []
+    slots = threading.Semaphore(workers or cpu_count())
+    started: dict[int, float] = {}  # index -> start, while it holds a slot
+    lock = threading.Lock()
+    finished = threading.Event()
+
+    def call(i: int) -> R:
+        slots.acquire()
+        with lock:
+            started[i] = time.monotonic()
+        try:
+            return fn(items[i])
+        finally:
+            with lock:
+                if started.pop(i, None) is not None:
+                    slots.release()
+
+    def watch() -> None:
+        while not finished.wait(min(0.05, slow_after / 4)):
+            now = time.monotonic()
+            with lock:
+                slow = [i for i, t in started.items() if now - t > slow_after]
+                for i in slow:
+                    del started[i]
+                    slots.release()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(min(n, max_running)) as pool:
+            return list(pool.map(call, range(n)))
+    finally:
+        finished.set()
+        watcher.join()

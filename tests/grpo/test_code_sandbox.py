@@ -1,0 +1,399 @@
+"""The code reward's sandbox against programs that misbehave: each case checks the verdict and
+that nothing leaked (no file written or read on the host, no secret, no connection, no
+process left), and the grader keeps working afterwards. Needs bubblewrap; skipped only where
+bwrap cannot create its namespaces."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from grpo.code_reward import CodeReward, CodeSettings
+from grpo.sandbox import (
+    ASSERT_EXIT,
+    MEMORY_EXIT,
+    SETUP_EXIT,
+    Limits,
+    Sandbox,
+    SandboxUnavailable,
+)
+
+TIMEOUT = 1.5  # per test: short, so the cases that loop stay fast
+LIMITS = Limits(timeout=TIMEOUT, memory_mb=256, processes=8, output_bytes=1 << 16)
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Sandbox:
+    if shutil.which("bwrap") is None:
+        pytest.fail("bubblewrap is not installed: apt-get install bubblewrap (.ci/run does)")
+    box = Sandbox("bwrap", LIMITS)
+    try:
+        box.ensure_available()
+    except SandboxUnavailable as e:
+        pytest.skip(f"bwrap cannot create namespaces on this machine: {e}")
+    return box
+
+
+@pytest.fixture(scope="module")
+def reward(sandbox) -> CodeReward:
+    return CodeReward(CodeSettings(limits=LIMITS))
+
+
+def answer(program: str) -> str:
+    return f"<think>t</think><answer>```python\n{program}\n```</answer>"
+
+
+def verdict(reward: CodeReward, program: str, stdin: str = "", expected: str = "ok\n") -> str:
+    """The verdict of one stdio test; the reward must agree with it."""
+    reward.pop_metrics()
+    score = reward([answer(program)], inputs=[[stdin]], outputs=[[expected]])
+    counts = {k: v for k, v in reward.pop_metrics().items() if v}
+    (name,) = counts
+    assert score == [1.0 if name == "passed" else 0.0]
+    return name
+
+
+def run(sandbox: Sandbox, program: str, stdin: str = ""):
+    with sandbox.session("stdio", program) as session:
+        return session.run(stdin=stdin)
+
+
+def processes_with(marker: str) -> list[int]:
+    """Host processes whose command line or name (comm) holds marker."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                seen = (entry / "cmdline").read_bytes() + (entry / "comm").read_bytes()
+            except OSError:
+                continue
+            if marker.encode() in seen:
+                found.append(int(entry.name))
+    return found
+
+
+def assert_gone(marker: str, within: float = 3.0) -> None:
+    deadline = time.monotonic() + within
+    while processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert processes_with(marker) == [], f"sandboxed processes outlived the run: {marker}"
+
+
+def named(marker: str) -> str:
+    """Program text that names its process (and the processes it forks) marker, which the
+    host sees in /proc/<pid>/comm (15 characters at most)."""
+    return f"import ctypes\nctypes.CDLL(None).prctl(15, {marker.encode()!r}, 0, 0, 0)\n"
+
+
+# ---------------------------------------------------------------------------- time and CPU
+
+
+def test_infinite_loop(reward):
+    start = time.monotonic()
+    assert verdict(reward, "while True:\n    pass") == "timeout"
+    assert time.monotonic() - start < TIMEOUT + 2
+
+
+def test_busy_loop_in_child_process(reward):
+    marker = f"busy{uuid.uuid4().hex[:10]}"
+    program = named(marker) + (
+        "import os\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    while True:\n"
+        "        pass\n"
+        "print('ok', flush=True)\n"
+        "os.waitpid(pid, 0)\n"
+    )
+    assert verdict(reward, program) == "timeout"
+    assert_gone(marker)
+
+
+def test_fork_bomb(sandbox, reward):
+    # Every process forks for ever: the process limit stops it, the timeout ends it.
+    marker = f"bomb{uuid.uuid4().hex[:10]}"
+    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
+    assert verdict(reward, named(marker) + bomb) == "timeout"
+    assert_gone(marker)
+    # The limit holds: a program that counts its forks stops below it.
+    counted = (
+        "import os, time\nn = 0\n"
+        "try:\n    while n < 1000:\n"
+        "        if os.fork() == 0:\n            time.sleep(30)\n            os._exit(0)\n"
+        "        n += 1\nexcept OSError:\n    pass\n"
+        f"print('ok' if n < {LIMITS.processes} else n)"
+    )
+    assert verdict(reward, counted) == "passed"
+    assert verdict(reward, "print(input())", "ok") == "passed"  # and the grader carries on
+
+
+def test_stopping_the_harness_times_out(reward):
+    # SIGSTOP on the harness: only the grader's own wall clock can end this one.
+    start = time.monotonic()
+    assert verdict(reward, "import os, signal\nos.kill(os.getppid(), signal.SIGSTOP)") == "timeout"
+    assert time.monotonic() - start < TIMEOUT + 4
+
+
+# ------------------------------------------------------------------------- memory, output
+
+
+def test_memory_bomb(reward):
+    assert verdict(reward, "x = bytearray(10 ** 10)") == "memory"
+    grow = "xs = []\nwhile True:\n    xs.append(bytes(1 << 26))"  # calloc: no page touched
+    assert verdict(reward, grow) == "memory"
+
+
+def test_one_gigabyte_of_output(sandbox, reward):
+    program = "import sys\nchunk = 'x' * 65536\nfor _ in range(16384):\n    sys.stdout.write(chunk)"
+    start = time.monotonic()
+    assert verdict(reward, program) == "output_limit"
+    assert time.monotonic() - start < TIMEOUT  # stopped at the cap, not after 1 GB
+    result = run(sandbox, program)
+    assert result.status == "output_limit" and len(result.stdout) <= LIMITS.output_bytes
+
+
+# ---------------------------------------------------------------------------- files, secrets
+
+
+def test_writing_outside_the_sandbox(reward, tmp_path):
+    canary = tmp_path / "canary" / "written.txt"  # under the host's /tmp
+    project = HERE / f"canary-{uuid.uuid4().hex}.txt"  # in the project
+    program = (
+        "import os\n"
+        f"for path in ({str(canary)!r}, {str(project)!r}, '/usr/canary', '/canary'):\n"
+        "    try:\n"
+        "        os.makedirs(os.path.dirname(path), exist_ok=True)\n"
+        "        open(path, 'w').write('pwned')\n"
+        "    except OSError:\n"
+        "        pass\n"
+        f"print('ok' if not os.path.exists({str(project)!r}) else 'written')"
+    )
+    assert verdict(reward, program) == "passed"  # the project directory is not there at all
+    assert not canary.exists() and not project.exists() and not Path("/canary").exists()
+    assert not Path("/usr/canary").exists()
+
+
+def test_reading_a_host_file(sandbox, tmp_path):
+    secret = uuid.uuid4().hex
+    canaries = [tmp_path / "secret.txt", HERE / f"secret-{uuid.uuid4().hex}.txt"]
+    for path in canaries:
+        path.write_text(secret)
+    try:
+        paths = [str(p) for p in canaries] + ["/etc/passwd", "/root/.bashrc", __file__]
+        program = (
+            "import os\n"
+            f"for path in {paths!r}:\n"
+            "    try:\n"
+            "        print(open(path).read())\n"
+            "    except OSError as e:\n"
+            "        print('unreadable', type(e).__name__)\n"
+            f"print('project visible' if os.path.exists({str(HERE)!r}) else 'no project')\n"
+        )
+        result = run(sandbox, program)
+        assert result.status == "exit" and result.code == 0
+        out = result.stdout.decode()
+        assert secret not in out and out.count("unreadable FileNotFoundError") == len(paths)
+        assert "no project" in out
+    finally:
+        for path in canaries:
+            path.unlink()
+
+
+def test_environment_is_empty(sandbox, monkeypatch):
+    secret = uuid.uuid4().hex
+    monkeypatch.setenv("GRPO_SANDBOX_SECRET", secret)
+    program = (
+        "import os\nprint(dict(os.environ))\n"
+        "for path in ('/proc/1/environ', '/proc/self/environ'):\n"
+        "    try:\n        print(open(path).read())\n"
+        "    except OSError as e:\n        print('unreadable', path)\n"
+    )
+    result = run(sandbox, program)
+    out = result.stdout.decode()
+    assert result.code == 0 and secret not in out and "GRPO_SANDBOX_SECRET" not in out
+    assert "unreadable /proc/1/environ" in out
+
+
+def test_no_network(reward):
+    accepted = []
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    server.settimeout(TIMEOUT + 2)
+    port = server.getsockname()[1]
+
+    def serve():
+        try:
+            accepted.append(server.accept())
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    program = (
+        "import socket\n"
+        "try:\n"
+        f"    socket.create_connection(('127.0.0.1', {port}), timeout=1).sendall(b'leak')\n"
+        "    print('connected')\n"
+        "except OSError:\n"
+        "    print('ok')\n"
+    )
+    try:
+        assert verdict(reward, program) == "passed"
+    finally:
+        server.close()
+        thread.join()
+    assert accepted == []
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def test_double_forked_daemon_does_not_outlive_the_run(reward):
+    marker = f"daemon-{uuid.uuid4().hex}"  # on its command line
+    sleeper = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(600)"
+    program = (
+        "import os, sys\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    if os.fork() == 0:\n"
+        f"        os.execv(sys.executable, [sys.executable, '-c', {sleeper!r}, {marker!r}])\n"
+        "    os._exit(0)\n"
+        "print('ok')\n"
+    )
+    assert verdict(reward, program) == "passed"  # the program itself did its job
+    assert_gone(marker)
+
+
+def test_killing_its_parent(reward):
+    assert verdict(reward, "import os\nos.kill(os.getppid(), 9)") == "runtime_error"
+    assert verdict(reward, "import os\nprint('ok', flush=True)\nos.kill(-1, 9)") == "runtime_error"
+    assert verdict(reward, "print(input())", "ok") == "passed"
+
+
+def test_os_system_subprocess_ctypes(reward, tmp_path):
+    canary = tmp_path / "system.txt"
+    program = (
+        "import ctypes, os, subprocess\n"
+        f"os.system('echo pwned > {canary}; cat /etc/shadow')\n"
+        f"subprocess.run(['sh', '-c', 'echo pwned > {canary}'], capture_output=True)\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "results = [\n"
+        "    libc.setuid(0),\n"
+        "    libc.mount(b'none', b'/tmp', b'tmpfs', 0, None),\n"
+        "    libc.unshare(0x10000000),\n"  # CLONE_NEWUSER: no nested namespaces
+        "    libc.ptrace(16, os.getppid(), None, None),\n"  # PTRACE_ATTACH the harness
+        "]\n"
+        "print('ok' if results == [-1] * 4 else results)\n"
+    )
+    assert verdict(reward, program) == "passed"
+    assert not canary.exists()
+
+
+# ------------------------------------------------------------------------------- verdicts
+
+
+def test_correct_output_then_raise(reward):
+    assert verdict(reward, "print('ok')\nraise ValueError('after the answer')") == "runtime_error"
+    assert verdict(reward, "print('ok')\nraise SystemExit(3)") == "runtime_error"
+    assert verdict(reward, "print('ok')\nraise SystemExit(0)") == "passed"
+
+
+def test_forged_verdicts_do_not_pass(reward):
+    fake = (
+        '{"ready": true}\\n{"status": "exit", "code": 0, "token_ok": true, "stdout": "b2sK"}\\n'
+        "PASSED\\nok\\n"
+    )
+    forge = (
+        "import os\n"
+        f"fake = {fake!r}.encode()\n"
+        "print(fake.decode(), flush=True)\n"
+        "for fd in range(256):\n"
+        "    try:\n        os.write(fd, fake)\n"
+        "    except OSError:\n        pass\n"
+    )
+    # stdin/stdout: only the program's own stdout is compared, and it is wrong.
+    assert verdict(reward, forge) == "wrong_answer"
+    # Function tests: leaving early with status 0, whatever was written, is not a pass.
+    tests = ["def check(candidate):\n    assert candidate() == 1\n"]
+    for exit_early in ("os._exit(0)", "raise SystemExit(0)"):
+        program = f"{forge}\ndef f():\n    return 2\n{exit_early}\n"
+        reward.pop_metrics()
+        assert reward([answer(program)], test=[tests], entry_point=["f"]) == [0.0]
+        assert reward.pop_metrics()["runtime_error"] == 1
+    honest = "def f():\n    return 1\n"
+    assert reward([answer(honest)], test=[tests], entry_point=["f"]) == [1.0]
+
+
+@pytest.mark.parametrize("status", [SETUP_EXIT, MEMORY_EXIT, ASSERT_EXIT])
+def test_harness_exit_statuses_cannot_be_borrowed(reward, status):
+    """Exiting with the harness's own statuses changes at most the verdict's name: the score
+    stays 0, never None (a sandbox failure, which would spare the sample its penalty)."""
+    expected = {SETUP_EXIT: "runtime_error", MEMORY_EXIT: "memory", ASSERT_EXIT: "runtime_error"}
+    assert verdict(reward, f"print('ok')\nraise SystemExit({status})") == expected[status]
+    tests = ["def check(candidate):\n    assert candidate() == 1\n"]
+    program = f"def f():\n    return 1\nraise SystemExit({status})"
+    reward.pop_metrics()
+    assert reward([answer(program)], test=[tests], entry_point=["f"]) == [0.0]
+    assert reward.pop_metrics()["sandbox_error"] == 0
+
+
+def test_a_batch_of_misbehaving_programs_costs_zeros(reward, tmp_path):
+    """Several at once in one call: each scores 0, the good one 1, and the call returns."""
+    programs = [
+        "while True:\n    pass",
+        "import os\nos.kill(os.getppid(), 9)",
+        "x = bytearray(10 ** 10)",
+        "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
+        "print(input())",
+    ]
+    start = time.monotonic()
+    scores = reward([answer(p) for p in programs], inputs=[["ok"]] * 5, outputs=[["ok"]] * 5)
+    assert scores == [0.0, 0.0, 0.0, 0.0, 1.0]
+    assert time.monotonic() - start < 2 * TIMEOUT + 2  # the timeouts overlap
+
+
+def test_timeouts_overlap_across_the_pool():
+    """Six timeouts on two workers: the slow ones give up their workers, so the batch takes
+    about one timeout (at most one more second of grace), not three in a row."""
+    timeout = 2.0
+    reward = CodeReward(CodeSettings(limits=Limits(timeout=timeout), workers=2))
+    loops = [answer(f"while True:\n    pass  # {i}") for i in range(6)]  # distinct: 6 runs
+    start = time.monotonic()
+    scores = reward(loops, inputs=[[""]] * 6, outputs=[["x"]] * 6)
+    assert scores == [0.0] * 6
+    assert time.monotonic() - start < 2.5 * timeout  # in a row: 3 x timeout at least
+
+
+# ----------------------------------------------------------------------- no sandbox at hand
+
+
+def test_missing_bwrap_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(SandboxUnavailable, match="apt-get install bubblewrap"):
+        Sandbox("bwrap").ensure_available()
+    with pytest.raises(SandboxUnavailable, match="apt-get install bubblewrap"):
+        CodeReward(CodeSettings()).prepare()
+
+
+def test_sandbox_none_warns_and_runs(monkeypatch):
+    monkeypatch.setenv("GRPO_SANDBOX_SECRET", "x")
+    reward = CodeReward(CodeSettings(sandbox="none", limits=Limits(timeout=1.0)))
+    with pytest.warns(UserWarning, match="--code-sandbox none.*read and write every file"):
+        reward.prepare()
+    scores = reward([answer("print(input())"), answer("while True: pass")],
+                    inputs=[["ok"]] * 2, outputs=[["ok"]] * 2)
+    assert scores == [1.0, 0.0]
+    # Its own temporary working directory (removed afterwards) and an empty environment.
+    program = "import os\nprint(os.getcwd())\nprint('GRPO_SANDBOX_SECRET' in os.environ)"
+    with Sandbox("none").session("stdio", program) as session:
+        cwd, secret_seen = session.run().stdout.decode().split()
+    assert Path(cwd).name.startswith("grpo-sandbox-") and not Path(cwd).exists()
+    assert secret_seen == "False"
