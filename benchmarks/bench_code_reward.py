@@ -2,13 +2,13 @@
 
     python -m benchmarks.bench_code_reward [--n 128] [--tests 5] [--timeout 2] [--smoke]
 
-Three batches of --n completions, each with --tests stdin/stdout tests (read numbers, print
-their sum): "correct" (fast correct programs), "wrong" (wrong from the first test) and
-"timeouts" (1 in 16 loops for ever, the rest correct). Every program text is distinct, so
-nothing is deduplicated. Three ways to run them, each on the same pool (grpo.sandbox's
-run_parallel: the cores, a slow sample freeing its worker) with the same rule (--score all:
-stop at the first failing test, as training's default; pass_rate: run every test but after a
-timeout):
+Four batches of --n completions, each with --tests stdin/stdout tests (read numbers, print
+their sum): "correct" (fast correct programs), "wrong" (wrong from the first test),
+"timeouts" (1 in 16 loops for ever, the rest correct) and "waits" (1 in 16 sleeps for ever).
+Every program text is distinct, so nothing is deduplicated. Three ways to run them, each on
+the same pool (grpo.sandbox's run_parallel: the cores, a slow sample freeing its worker) with
+the same rule (--score all: stop at the first failing test, as training's default;
+pass_rate: run every test but after a timeout):
 
 - bwrap: the code reward as training runs it (one bubblewrap sandbox per sample, its tests
   forked from one harness inside);
@@ -16,8 +16,11 @@ timeout):
 - plain: `python3 prog.py < input` per test, no sandbox and no harness: the baseline.
 
 The table gives seconds (median of --repeat runs), completions/s and the time relative to
-plain. For "timeouts" it also gives the bound the issue sets: the timeout plus the time of
-the rest of the batch's work (the correct batch's time, scaled to the programs that finish).
+plain. For "timeouts" and "waits" it also gives the bound the issue sets: the timeout plus the
+time of the rest of the batch's work (the correct batch's time, scaled to the programs that
+finish). A sleeping program costs no CPU, so "waits" shows whether timeouts overlap; a
+looping one burns a core for the whole timeout, at the same priority as the rest (a verdict
+must not depend on its neighbours), so on 2 cores "timeouts" also pays for the loops' CPU.
 Rows are appended to benchmarks/results/code_reward.csv (not with --smoke or --no-save).
 """
 
@@ -35,10 +38,11 @@ from grpo.code_reward import CodeReward, CodeSettings, same_output, slow_after
 from grpo.sandbox import Limits, Sandbox, cpu_count, run_parallel
 
 PROVIDERS = ("bwrap", "none", "plain")
-WORKLOADS = ("correct", "wrong", "timeouts")
+WORKLOADS = ("correct", "wrong", "timeouts", "waits")
 CORRECT = "print(sum(map(int, input().split())))  # {i}"
 WRONG = "print(sum(map(int, input().split())) + 1)  # {i}"
 LOOP = "while True:  # {i}\n    pass"
+SLEEP = "import time  # {i}\ntime.sleep(1000)"
 
 
 def batch(workload: str, n: int, tests: int) -> tuple[list[str], list[str], list[str]]:
@@ -51,6 +55,8 @@ def batch(workload: str, n: int, tests: int) -> tuple[list[str], list[str], list
             programs.append(WRONG.format(i=i))
         elif workload == "timeouts" and i % 16 == 0:
             programs.append(LOOP.format(i=i))
+        elif workload == "waits" and i % 16 == 0:
+            programs.append(SLEEP.format(i=i))
         else:
             programs.append(CORRECT.format(i=i))
     return programs, inputs, outputs
@@ -78,8 +84,11 @@ def _plain_one(job) -> float:
         for stdin, expected in zip(inputs, outputs, strict=True):
             try:
                 done = subprocess.run(
-                    [python, str(path)], input=stdin.encode(), capture_output=True,
-                    timeout=timeout, cwd=tmp,
+                    [python, str(path)],
+                    input=stdin.encode(),
+                    capture_output=True,
+                    timeout=timeout,
+                    cwd=tmp,
                 )
             except subprocess.TimeoutExpired:
                 break
@@ -100,16 +109,17 @@ def grade_plain(programs, inputs, outputs, timeout: float, score: str) -> list[f
 
 def measure(provider: str, workload: str, args: argparse.Namespace) -> dict:
     programs, inputs, outputs = batch(workload, args.n, args.tests)
-    expected = [0.0 if workload == "wrong" or p.startswith("while") else 1.0 for p in programs]
+    expected = [
+        0.0 if workload == "wrong" or p.startswith(("while", "import time")) else 1.0
+        for p in programs
+    ]
     times = []
     for _ in range(args.repeat):
         start = time.perf_counter()
         if provider == "plain":
             scores = grade_plain(programs, inputs, outputs, args.timeout, args.score)
         else:
-            scores = grade_sandboxed(
-                provider, programs, inputs, outputs, args.timeout, args.score
-            )
+            scores = grade_sandboxed(provider, programs, inputs, outputs, args.timeout, args.score)
         times.append(time.perf_counter() - start)
         if scores != expected:
             raise AssertionError(f"{provider}/{workload}: wrong scores {scores}")
@@ -151,7 +161,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for row in rows:
         if row["workload"] in plain:
             row["vs_plain"] = row["seconds"] / plain[row["workload"]]
-        if row["workload"] == "timeouts" and row["provider"] in correct:
+        if row["workload"] in ("timeouts", "waits") and row["provider"] in correct:
             finishing = args.n - len(range(0, args.n, 16))
             bound = args.timeout + correct[row["provider"]] * finishing / args.n
             row["bound_s"] = bound

@@ -147,19 +147,22 @@ def load_model_for_eval(path: str):
 
 
 def reward_functions(
-    task: tasks_mod.Task | None, extra: Sequence[str] = ()
+    task: tasks_mod.Task | None,
+    extra: Sequence[str] = (),
+    code: code_mod.CodeSettings | None = None,
 ) -> list[tuple[str, Any]]:
     """The rewards a GRPO run on this task uses by default (accuracy and format; countdown and
     format for Countdown), then the extra specs. The first one decides correctness: for a
     dataset, an extra "code" takes accuracy's place (programs checked against tests). A code
-    reward's sandbox is checked here, before any model is loaded."""
+    reward runs with `code` (default: the defaults) and its sandbox is checked here, before
+    any model is loaded."""
     if task is not None:
         names = list(task.rewards)
     else:
         names = ["code" if "code" in extra else "accuracy", "format"]
     names += [name for name in extra if name not in names]
     fns = [rewards_mod.resolve_reward(name) for name in names]
-    return code_mod.with_code_settings(fns, code_mod.CodeSettings())
+    return code_mod.with_code_settings(fns, code or code_mod.CodeSettings())
 
 
 def prompt_examples(

@@ -25,17 +25,22 @@ boundary. Each sample gets one sandbox start (``Sandbox.session``), in which the
 
 ``kind="none"`` runs the same harness as an ordinary process (a temporary working directory,
 an empty environment, the rlimits but the process limit): nothing is isolated, so it is only
-used when asked for by name. ``run_parallel`` grades many samples at once; a sample still
-running after a while (most likely waiting out a timeout) gives its worker to the next one,
-so timeouts overlap instead of queueing. Its priority stays as it was: deprioritizing slow
-samples would save the CPU of busy loops, but fails correct programs whose tests together
-take longer than the threshold (measured: 0 of 8 passed instead of 8 of 8).
+used when asked for by name. ``run_parallel`` grades many samples at once, one per core: a
+sample whose test waits (the harness watches its CPU clock) gives its core to the next one at
+once, and up to as many again that are still computing after a while (most likely loops
+waiting out their timeouts) do too, so timeouts overlap instead of queueing while a slow
+correct program keeps at least half a core. Priorities stay as they were: deprioritizing
+slow samples would save the CPU of busy loops, but fails correct programs whose tests
+together take longer than the threshold (measured: 0 of 8 passed instead of 8 of 8), and
+letting every slow sample go fails them too (12 of 16 timed out; see
+tests/grpo/test_code_sandbox.py).
 """
 
 from __future__ import annotations
 
 import base64
 import concurrent.futures
+import functools
 import json
 import marshal
 import math
@@ -86,11 +91,30 @@ NONE_WARNING = (
     "processes and leave processes running. Use it only where that is acceptable."
 )
 _HARNESS = Path(__file__).with_name("sandbox_harness.py").read_text(encoding="utf-8")
+# The interpreter's command line: run the harness's code object, sent first on stdin as a
+# length and marshal bytes (compiling the harness's source costs ~3 ms, more than a test).
+_BOOT = (
+    "import marshal,sys;b=sys.stdin.buffer;"
+    "exec(marshal.loads(b.read(int.from_bytes(b.read(4),'little'))))"
+)
+# Run once per interpreter, outside any sandbox, on our own source only: marshal's format
+# belongs to the interpreter that reads it, so the sandbox's interpreter compiles it. It also
+# names its site-packages: the sandbox runs it with -S (site costs ~1.5 ms a start), and the
+# harness puts them on sys.path itself (without .pth files) so programs import what the
+# interpreter has installed, as under `python3 prog.py`.
+_COMPILE = (
+    "import marshal,site,sys;"
+    "code=compile(sys.stdin.read(),'sandbox_harness.py','exec');"
+    "out=sys.stdout.buffer;out.write('\\n'.join(site.getsitepackages()).encode()+b'\\0');"
+    "out.write(marshal.dumps(code))"
+)
 _NOBODY = 65534
 # Seconds the interpreter may take to start inside the sandbox (a loaded machine is slow).
 _STARTUP_SECONDS = 30.0
 # The grader waits this much beyond the harness's own timeout before killing the sandbox.
 _GRACE_SECONDS = 0.5
+# From this long into a test, the harness reports a test that waits instead of computing.
+_IDLE_AFTER = 0.1
 
 
 class SandboxError(RuntimeError):
@@ -140,6 +164,7 @@ class Limits:
             "file_bytes": self.file_size_mb << 20,
             "open_files": self.open_files,
             "output_bytes": self.output_bytes,
+            "idle_after": _IDLE_AFTER,
         }
 
 
@@ -226,12 +251,13 @@ class Sandbox:
 
     def _command_prefix(self) -> list[str]:
         if self.kind == "none":
-            return [self.python, "-I", "-c", _HARNESS]
+            return [self.python, "-I", "-S", "-c", _BOOT]
         bwrap = shutil.which("bwrap")
         if bwrap is None:
             return []
         tmp = self.limits.tmp_size_mb << 20
         return [
+            *_drop_root(),
             bwrap,
             *("--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc"),
             *("--unshare-uts", "--unshare-cgroup-try", "--disable-userns"),
@@ -242,7 +268,7 @@ class Sandbox:
             *("--dev", "/dev", "--size", str(tmp), "--tmpfs", "/dev/shm", "--remount-ro", "/dev"),
             *("--size", str(tmp), "--tmpfs", "/tmp", "--chdir", "/tmp"),
             *("--remount-ro", "/"),
-            *(self.python, "-I", "-c", _HARNESS),
+            *(self.python, "-I", "-S", "-c", _BOOT),
         ]
 
     def command(self, result_fd: int) -> list[str]:
@@ -290,11 +316,52 @@ _PROBES: dict[tuple, str | None] = {}
 _PROBE_LOCK = threading.Lock()
 
 
+def _drop_root() -> list[str]:
+    """Root is exempt from RLIMIT_NPROC: the sandbox runs as nobody instead, through
+    util-linux's setpriv where there is one (subprocess cannot vfork when it changes the
+    user itself, and forking a trainer that holds a model costs ~4 ms a sandbox)."""
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        return []
+    return [setpriv, f"--reuid={_NOBODY}", f"--regid={_NOBODY}", "--clear-groups"]
+
+
 def _user_kwargs(kind: str) -> dict[str, Any]:
-    """Root is exempt from RLIMIT_NPROC: the sandbox runs as nobody instead."""
-    if kind == "bwrap" and os.geteuid() == 0:
+    """Without setpriv, subprocess changes the user (see _drop_root)."""
+    if kind == "bwrap" and os.geteuid() == 0 and not _drop_root():
         return {"user": _NOBODY, "group": _NOBODY, "extra_groups": []}
     return {}
+
+
+_CODE: dict[str, tuple[bytes, list[str]]] = {}
+_CODE_LOCK = threading.Lock()
+
+
+def _harness_code(python: str) -> tuple[bytes, list[str]]:
+    """The harness compiled by `python`, as the frame the boot line reads, and the
+    interpreter's site-packages directories (cached)."""
+    with _CODE_LOCK:
+        if python not in _CODE:
+            try:
+                done = subprocess.run(
+                    [python, "-I", "-S", "-c", _COMPILE],
+                    input=_HARNESS.encode(),
+                    capture_output=True,
+                    env={},
+                    timeout=_STARTUP_SECONDS,
+                    check=False,
+                )
+            except (OSError, subprocess.TimeoutExpired) as e:
+                raise SandboxError(f"cannot run the interpreter {python}: {e}") from e
+            if done.returncode != 0 or not done.stdout:
+                error = done.stderr.decode(errors="replace").strip()
+                raise SandboxError(f"the interpreter {python} cannot compile the harness: {error}")
+            # Paths, a NUL, then the code in the sandbox interpreter's marshal (which need
+            # not be this one's: it is passed on, never read here).
+            paths, _, frame = done.stdout.partition(b"\0")
+            names = [p for p in paths.decode(errors="surrogateescape").split("\n") if p]
+            _CODE[python] = (len(frame).to_bytes(4, "little") + frame, names)
+        return _CODE[python]
 
 
 class Session:
@@ -306,6 +373,7 @@ class Session:
             raise ValueError(f"mode must be 'stdio' or 'function', got {mode!r}")
         self.limits = sandbox.limits
         self.dead = False
+        code, paths = _harness_code(sandbox.python) if sandbox._prefix else (b"", [])
         read_fd, write_fd = os.pipe()
         try:
             command = sandbox.command(write_fd)  # SandboxUnavailable without bwrap
@@ -337,11 +405,12 @@ class Session:
             "mode": mode,
             "program": program,
             "entry_point": entry_point,
+            "path": paths,
             "limits": self.limits.harness(count_processes=sandbox.kind == "bwrap"),
         }
         deadline = time.monotonic() + _STARTUP_SECONDS
         try:
-            ready = self._send(job, deadline) and self._results.readline(deadline)
+            ready = self._send(job, deadline, code) and self._results.readline(deadline)
         except TimeoutError:
             ready = None
         message = _parse(ready) if ready else None
@@ -360,10 +429,14 @@ class Session:
         command = {"op": "run", "stdin": stdin, "test": test, "check": check}
         try:
             line = self._send(command, deadline) and self._results.readline(deadline)
+            message = _parse(line) if line else None
+            while message is not None and message.get("idle"):  # the test waits: see
+                _report_idle()  # run_parallel
+                line = self._results.readline(deadline)
+                message = _parse(line) if line else None
         except TimeoutError:  # the harness is stuck (stopped by the program?): end it all
             self.close()
             return Run("timeout", seconds=self.limits.timeout)
-        message = _parse(line) if line else None
         if message is None:  # the harness is gone or garbled: only the program could do that
             stderr = self._stderr()
             self.close()
@@ -379,11 +452,11 @@ class Session:
             started=bool(message.get("started", True)),
         )
 
-    def _send(self, message: dict, deadline: float) -> bool:
-        """Write one command (a length, then marshal: the harness need not import json);
-        False when the harness no longer reads."""
+    def _send(self, message: dict, deadline: float, before: bytes = b"") -> bool:
+        """Write one command (a length, then marshal: the harness need not import json),
+        after `before`; False when the harness no longer reads."""
         payload = marshal.dumps(message, 4)  # version 4: read by every Python 3 since 3.4
-        data = len(payload).to_bytes(4, "little") + payload
+        data = before + len(payload).to_bytes(4, "little") + payload
         fd = self._proc.stdin.fileno()
         os.set_blocking(fd, False)
         while data:
@@ -501,6 +574,17 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+_WORKER = threading.local()  # run_parallel's hooks for the call running on this thread
+
+
+def _report_idle() -> None:
+    """The current run_parallel call now waits (a test sleeps or blocks): it gives up its
+    core."""
+    hook = getattr(_WORKER, "idle", None)
+    if hook is not None:
+        hook()
+
+
 def run_parallel(
     fn: Callable[[T], R],
     items: Sequence[T],
@@ -509,40 +593,62 @@ def run_parallel(
     slow_after: float = 1.0,
     max_running: int = 128,
 ) -> list[R]:
-    """[fn(item) for item in items] on threads, `workers` (default: the cores) at a time.
+    """[fn(item) for item in items] on threads, each call holding one of `workers` places
+    (default: the cores) while it computes, so that programs get the cores they would have
+    alone and a wall-clock timeout means what it says.
 
-    A call still running after `slow_after` seconds is most likely waiting for a timeout on
-    the wall clock: it gives its slot to the next item, so a batch with timeouts takes
-    about the timeout plus the rest of its work, not the timeouts one after another.
-    `max_running` bounds the calls in flight all the same (memory).
+    A call gives its place to the next item early in two cases. When it waits (the sandbox
+    reports a test that sleeps or blocks on a read): it costs no core, so a batch with such
+    timeouts takes about one timeout plus the rest of its work. When it is still running after
+    `slow_after` seconds (most likely a loop waiting out its timeout), but only while fewer
+    than `workers` calls have been let go that way: loops overlap with the rest of the batch,
+    and no more than twice the cores compute at once, so a slow correct program keeps at least
+    half a core (letting every slow call go, a batch of slow correct programs would share the
+    cores until they all timed out). `max_running` bounds the calls in flight (memory).
     """
     n = len(items)
     if n == 0:
         return []
-    slots = threading.Semaphore(workers or cpu_count())
-    started: dict[int, float] = {}  # index -> start, while it holds a slot
+    workers = workers or cpu_count()
+    slots = threading.Semaphore(workers)
+    holding: dict[int, float] = {}  # index -> start, while it holds a place
+    slow: set[int] = set()  # let go after slow_after, still computing
     lock = threading.Lock()
     finished = threading.Event()
+
+    def let_go(i: int) -> bool:  # under the lock
+        if holding.pop(i, None) is None:
+            return False
+        slots.release()
+        return True
+
+    def idle(i: int) -> None:
+        with lock:
+            if not let_go(i):
+                slow.discard(i)
 
     def call(i: int) -> R:
         slots.acquire()
         with lock:
-            started[i] = time.monotonic()
+            holding[i] = time.monotonic()
+        _WORKER.idle = functools.partial(idle, i)
         try:
             return fn(items[i])
         finally:
+            _WORKER.idle = None
             with lock:
-                if started.pop(i, None) is not None:
-                    slots.release()
+                let_go(i)
+                slow.discard(i)
 
     def watch() -> None:
         while not finished.wait(min(0.05, slow_after / 4)):
             now = time.monotonic()
             with lock:
-                slow = [i for i, t in started.items() if now - t > slow_after]
-                for i in slow:
-                    del started[i]
-                    slots.release()
+                for i, started in sorted(holding.items(), key=lambda kv: kv[1]):
+                    if len(slow) >= workers or now - started <= slow_after:
+                        break
+                    let_go(i)
+                    slow.add(i)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()

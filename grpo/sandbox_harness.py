@@ -1,4 +1,5 @@
-"""The harness that runs inside the sandbox (grpo.sandbox starts it with ``python -I -c``).
+"""The harness that runs inside the sandbox (grpo.sandbox compiles it once per interpreter and
+starts it as a code object with ``python -I -c``).
 
 It is standard library only and runs on the sandbox's interpreter (Python >= 3.8), never
 imported by the trainer. One harness serves one sample: it reads the job (the program, the
@@ -43,7 +44,7 @@ ASSERT_EXIT = 212
 # Stderr kept per test: enough for a traceback's last lines.
 STDERR_BYTES = 4096
 _FORK_RETRIES = 20
-_LIBC = []  # the C library, once loaded (prctl)
+_LIBC = []  # prctl, once loaded
 
 
 def _send(fd, message):
@@ -76,15 +77,36 @@ def _receive(stream):
     return marshal.loads(stream.read(int.from_bytes(head, "little")))
 
 
+def _libc_prctl():
+    """prctl from the C library. Through _ctypes, the C module, where it has what is needed:
+    importing ctypes itself costs ~1 ms a sandbox, more than a test."""
+    try:
+        import _ctypes
+
+        class CInt(_ctypes._SimpleCData):
+            _type_ = "i"
+
+        class Function(_ctypes.CFuncPtr):
+            _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+            _restype_ = CInt
+
+        class Library:
+            _handle = _ctypes.dlopen(None)
+
+        return Function(("prctl", Library)), _ctypes.get_errno
+    except Exception:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl, ctypes.get_errno
+
+
 def _nondumpable():
     """No ptrace and no /proc/<pid>/fd of the harness for the programs it runs."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    _LIBC.append(libc)
+    prctl, get_errno = _libc_prctl()
+    _LIBC.append(prctl)
     pr_set_dumpable = 4
-    if libc.prctl(pr_set_dumpable, 0, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+    if prctl(pr_set_dumpable, 0, 0, 0, 0) != 0:
+        raise OSError(get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
 
 
 def _limit(kind, value):
@@ -195,7 +217,7 @@ def _child(job, cmd, data, out_w, err_w, token_w, token, started_w, limits):
         os.setpgid(0, 0)
         if _LIBC:  # the test dies with the harness, whoever kills it
             pr_set_pdeathsig = 1
-            _LIBC[0].prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+            _LIBC[0](pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
         fd = os.memfd_create("stdin")
         view = memoryview(data)
         while view:
@@ -255,8 +277,9 @@ def _keep(buf, chunk, cap):
     return len(chunk) > room
 
 
-def run_test(job, cmd, limits, own_pidns):
-    """Run one test in a forked child; returns the answer for the grader."""
+def run_test(job, cmd, limits, own_pidns, notify_idle=None):
+    """Run one test in a forked child; returns the answer for the grader. notify_idle() is
+    called once if the test waits instead of computing (see _wait)."""
     function = job["mode"] == "function"
     data = cmd.get("stdin", "").encode("utf-8", "surrogateescape")
     out_r, out_w = os.pipe()
@@ -283,7 +306,8 @@ def run_test(job, cmd, limits, own_pidns):
     if token_r is not None:
         caps[token_r] = 64
     bufs = {fd: bytearray() for fd in caps}
-    status, verdict = _wait(pid, bufs, caps, out_r, limits["timeout"], start)
+    idle = (limits.get("idle_after"), notify_idle) if notify_idle is not None else None
+    status, verdict = _wait(pid, bufs, caps, out_r, limits["timeout"], start, idle)
     _kill(pid, own_pidns)
     if status is None:
         status = os.waitpid(pid, 0)[1]
@@ -306,9 +330,26 @@ def run_test(job, cmd, limits, own_pidns):
     return answer
 
 
-def _wait(pid, bufs, caps, out_fd, timeout, start):
+# A test that used less CPU than this share of a window of wall time is waiting.
+_IDLE_SHARE = 0.1
+_IDLE_WINDOW = 0.05  # seconds
+
+
+def _cpu_seconds(pid):
+    """The CPU time of process `pid` so far (its process CPU clock, Linux's
+    MAKE_PROCESS_CPUCLOCK: no /proc needed); None once it is gone."""
+    try:
+        return time.clock_gettime(((~pid) << 3) | 2)
+    except OSError:
+        return None
+
+
+def _wait(pid, bufs, caps, out_fd, timeout, start, idle=None):
     """(wait status or None, "timeout" / "output_limit" / None): the child's exit, read while
-    it runs, within the wall-clock timeout."""
+    it runs, within the wall-clock timeout. idle: (seconds, notify): from that long after the
+    start, a child that computes less than _IDLE_SHARE of a window (sleeping, blocked on a
+    read: it can only end by the timeout or an event) is reported once with notify(), so the
+    grader gives its core to another sample."""
     deadline = start + timeout
     pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
     poller = select.poll()
@@ -317,16 +358,31 @@ def _wait(pid, bufs, caps, out_fd, timeout, start):
     if pidfd is not None:
         poller.register(pidfd, select.POLLIN)
     open_fds = set(caps)
+    watch = idle is not None and idle[0] is not None
+    if watch:
+        watch_from = start + idle[0]
+        last = (start, 0.0)
     try:
         while True:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
                 return status, None
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            left = deadline - now
             if left <= 0:
                 return None, "timeout"
+            if watch and now >= watch_from and now - last[0] >= _IDLE_WINDOW:
+                cpu = _cpu_seconds(pid)
+                if cpu is not None and cpu - last[1] < _IDLE_SHARE * (now - last[0]):
+                    watch = False
+                    idle[1]()
+                elif cpu is not None:
+                    last = (now, cpu)
             # Without a pidfd (Python < 3.9) poll in short steps for the exit.
             wait_ms = left * 1000 if pidfd is not None else min(left * 1000, 5)
+            if watch:
+                wake = max(watch_from, last[0] + _IDLE_WINDOW)
+                wait_ms = min(wait_ms, max(0.0, wake - now) * 1000)
             for fd, _ in poller.poll(max(1, int(wait_ms))):
                 if fd == pidfd or fd not in open_fds:
                     continue
@@ -346,6 +402,8 @@ def main():
     own_pidns = sys.argv[2] == "1"
     commands = sys.stdin.buffer
     job = _receive(commands)
+    # The interpreter runs with -S: its site-packages, as site would add them.
+    sys.path.extend(p for p in job.get("path") or () if os.path.isdir(p))
     limits = job["limits"]
     try:
         _nondumpable()
@@ -362,7 +420,8 @@ def main():
         cmd = _receive(commands)
         if cmd is None or cmd.get("op") != "run":
             break
-        _send(result_fd, run_test(job, cmd, limits, own_pidns))
+        notify = lambda: _send(result_fd, {"idle": True})  # noqa: E731
+        _send(result_fd, run_test(job, cmd, limits, own_pidns, notify))
 
 
 if __name__ == "__main__":

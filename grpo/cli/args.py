@@ -3,7 +3,8 @@
     add_prompt_arguments    the prompts: --task/--task-args or --data, grpo-train's held-out
                             split (--eval-size, --seed), --template          (all three)
     add_model_arguments     the model sampled and how: --model, --reward, --num-prompts,
-                            lengths, --batch-size, --progress, --rollout  (eval and sample)
+                            lengths, --batch-size, --progress, --rollout, and the code
+                            reward's --code-* flags (grpo-train's)  (eval and sample)
     add_sampling_arguments  --samples, --temperature, --top-p, with each command's defaults
     load_source, open_engine, sample   what those arguments name, loaded, and sampled
     bad_input               how every command reports bad input: one line, exit status 2
@@ -17,6 +18,7 @@ character-level tokenizer (a model the demo built), grpo-train's defaults otherw
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import sys
@@ -27,6 +29,8 @@ from typing import Any
 import torch
 
 from .. import files
+from ..code_reward import CodeSettings
+from ..config import DataConfig
 from ..evaluation import (
     Samples,
     build_engine,
@@ -38,6 +42,7 @@ from ..evaluation import (
     sample_and_score,
 )
 from ..rewards import RewardError
+from ..sandbox import Limits
 from ..tasks import Task
 
 # Bad input (a missing file, a malformed dataset or checkpoint, a reward that cannot run): a
@@ -200,6 +205,26 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("transformers", "vllm"),
         help="sampling engine (vllm: needs the vllm package and a GPU)",
     )
+    # The code reward's flags, as grpo-train has them (same names, defaults and help).
+    code = parser.add_argument_group("code reward (--reward code)")
+    for f in dataclasses.fields(DataConfig):
+        if f.name.startswith("code_"):
+            code.add_argument(
+                "--" + f.name.replace("_", "-"),
+                type=type(f.default),
+                default=f.default,
+                choices=f.metadata.get("choices"),
+                help=f.metadata["help"],
+            )
+
+
+def code_settings(args: argparse.Namespace) -> CodeSettings:
+    """The code reward's settings the --code-* flags give."""
+    return CodeSettings(
+        score=args.code_score,
+        sandbox=args.code_sandbox,
+        limits=Limits(timeout=args.code_timeout, memory_mb=args.code_memory_mb),
+    )
 
 
 def add_sampling_arguments(
@@ -253,7 +278,7 @@ def load_source(
         num_prompts=num_prompts,
         needs_answer=needs_answer,
     )
-    reward_fns = reward_functions(task, extra_rewards)
+    reward_fns = reward_functions(task, extra_rewards, code_settings(args))
     model, tokenizer, device = load_model_for_eval(args.model)
     template = resolve_template(args.template, tokenizer)
     max_new = resolve_completion_length(args.max_completion_length, tokenizer)

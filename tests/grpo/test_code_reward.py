@@ -47,29 +47,35 @@ def answer(program: str, fence: str = "python") -> str:
     return f"<think>t</think><answer>```{fence}\n{program}\n```</answer>"
 
 
-@pytest.mark.parametrize("text, program", [
-    (answer("print(1)"), "print(1)\n"),
-    (answer("print(1)", "py"), "print(1)\n"),
-    (answer("print(1)", ""), "print(1)\n"),
-    ("<answer>```python\nx = 1\n```\nthen\n```python\nprint(2)\n```</answer>", "print(2)\n"),
-    ("<answer>print(3)</answer>", "print(3)"),  # no fence: the whole answer
-    ("<answer>```cpp\nint main(){}\n```</answer>", "```cpp\nint main(){}\n```"),
-    ("```python\nprint(4)\n```", None),  # no <answer>
-    ("<answer>  </answer>", None),
-])
+@pytest.mark.parametrize(
+    "text, program",
+    [
+        (answer("print(1)"), "print(1)\n"),
+        (answer("print(1)", "py"), "print(1)\n"),
+        (answer("print(1)", ""), "print(1)\n"),
+        ("<answer>```python\nx = 1\n```\nthen\n```python\nprint(2)\n```</answer>", "print(2)\n"),
+        ("<answer>print(3)</answer>", "print(3)"),  # no fence: the whole answer
+        ("<answer>```cpp\nint main(){}\n```</answer>", "```cpp\nint main(){}\n```"),
+        ("```python\nprint(4)\n```", None),  # no <answer>
+        ("<answer>  </answer>", None),
+    ],
+)
 def test_extract_program(text, program):
     assert extract_program(text) == program
 
 
-@pytest.mark.parametrize("got, expected, same", [
-    ("1 2\n", "1 2", True),
-    ("1 2   \n3\t\n\n\n", "1 2\n3\n", True),
-    ("a\r\nb\r\n", "a\nb\n", True),
-    ("\na\n", "a\n", False),  # leading lines count
-    ("1  2\n", "1 2\n", False),  # inner whitespace counts
-    ("", "\n", True),
-    ("12\n", "1\n2\n", False),
-])
+@pytest.mark.parametrize(
+    "got, expected, same",
+    [
+        ("1 2\n", "1 2", True),
+        ("1 2   \n3\t\n\n\n", "1 2\n3\n", True),
+        ("a\r\nb\r\n", "a\nb\n", True),
+        ("\na\n", "a\n", False),  # leading lines count
+        ("1  2\n", "1 2\n", False),  # inner whitespace counts
+        ("", "\n", True),
+        ("12\n", "1\n2\n", False),
+    ],
+)
 def test_same_output(got, expected, same):
     assert same_output(got, expected) is same
 
@@ -81,8 +87,12 @@ def test_stdio_scores_all_and_pass_rate():
     columns = dict(inputs=[SUM] * 3, outputs=[SUMS] * 3)
     strict = CodeReward()
     assert strict(programs, **columns) == [1.0, 0.0, 0.0]
-    assert strict.pop_metrics() == {**dict.fromkeys(code_mod.VERDICTS, 0), "passed": 1,
-                                    "wrong_answer": 1, "no_code": 1}
+    assert strict.pop_metrics() == {
+        **dict.fromkeys(code_mod.VERDICTS, 0),
+        "passed": 1,
+        "wrong_answer": 1,
+        "no_code": 1,
+    }
     assert strict.pop_metrics()["passed"] == 0  # the counts restart
     rate = CodeReward(CodeSettings(score="pass_rate"))
     assert rate(programs, **columns) == [1.0, 0.8, 0.0]
@@ -113,21 +123,27 @@ def test_mixed_shapes_and_rows_without_tests():
         {"prompt": "plain", "answer": "4"},
     ]
     columns = reward_columns(examples, 1, [1, 1, 1], [False] * 3, 10)
-    texts = [answer("print(sum(map(int, input().split())))"),
-             answer("def add(a, b):\n    return a + b"), answer("print(4)")]
+    texts = [
+        answer("print(sum(map(int, input().split())))"),
+        answer("def add(a, b):\n    return a + b"),
+        answer("print(4)"),
+    ]
     assert REWARDS["code"](texts, **columns) == [1.0, 1.0, None]
     rewards, failures = score([resolve_reward("code"), ("format", format_reward)], texts, columns)
     assert rewards[:, 0].tolist()[:2] == [1.0, 1.0] and rewards[2, 0].isnan()
 
 
 @needs_bwrap
-@pytest.mark.parametrize("columns, message", [  # one row each
-    (dict(inputs=[["1"]], outputs=["1"]), "'outputs' must be a list of strings"),
-    (dict(inputs=[["1", "2"]], outputs=[["1"]]), "same nonzero length"),
-    (dict(inputs=[[1]], outputs=[["1"]]), "'inputs' must be a list of strings"),
-    (dict(test=["def check(candidate):\n    pass\n"], entry_point=[None]), "'entry_point'"),
-    (dict(test=["assert (\n"], entry_point=["f"]), "not valid Python"),
-])
+@pytest.mark.parametrize(
+    "columns, message",
+    [  # one row each
+        (dict(inputs=[["1"]], outputs=["1"]), "'outputs' must be a list of strings"),
+        (dict(inputs=[["1", "2"]], outputs=[["1"]]), "same nonzero length"),
+        (dict(inputs=[[1]], outputs=[["1"]]), "'inputs' must be a list of strings"),
+        (dict(test=["def check(candidate):\n    pass\n"], entry_point=[None]), "'entry_point'"),
+        (dict(test=["assert (\n"], entry_point=["f"]), "not valid Python"),
+    ],
+)
 def test_malformed_rows_are_errors(columns, message):
     with pytest.raises(ValueError, match=message):
         CodeReward()([answer("print(1)")], **columns)
@@ -156,8 +172,9 @@ def test_sandbox_failure_scores_none_with_a_warning(monkeypatch):
     monkeypatch.setattr(sandbox_mod.Sandbox, "session", broken)
     reward = CodeReward()
     with pytest.warns(UserWarning, match="sandbox failed on 2 of 2 samples.*namespace"):
-        assert reward([answer("print(1)"), answer("print(2)")],
-                      inputs=[["x"]] * 2, outputs=[["1"]] * 2) == [None, None]
+        assert reward(
+            [answer("print(1)"), answer("print(2)")], inputs=[["x"]] * 2, outputs=[["1"]] * 2
+        ) == [None, None]
     assert reward.pop_metrics()["sandbox_error"] == 2
 
 
@@ -171,23 +188,88 @@ def test_correctness_reward_picks_code():
 
 
 def test_flags():
-    cfg = parse_config(["--code-score", "pass_rate", "--code-timeout", "2.5", "--code-memory-mb",
-                        "512", "--code-sandbox", "none", "--rewards", "code", "format"])
+    cfg = parse_config(
+        [
+            "--code-score",
+            "pass_rate",
+            "--code-timeout",
+            "2.5",
+            "--code-memory-mb",
+            "512",
+            "--code-sandbox",
+            "none",
+            "--rewards",
+            "code",
+            "format",
+        ]
+    )
     d = cfg.data
     assert (d.code_score, d.code_timeout, d.code_memory_mb, d.code_sandbox) == (
-        "pass_rate", 2.5, 512, "none")
+        "pass_rate",
+        2.5,
+        512,
+        "none",
+    )
     defaults = GRPOConfig.from_flat({}).data
-    assert (defaults.code_score, defaults.code_timeout, defaults.code_memory_mb,
-            defaults.code_sandbox) == ("all", 5.0, 1024, "bwrap")
-    assert (Limits().timeout, Limits().memory_mb) == (defaults.code_timeout,
-                                                      defaults.code_memory_mb)
-    for bad, message in ([{"code_timeout": 0}, "code_timeout"],
-                         [{"code_timeout": "inf"}, "code_timeout"],
-                         [{"code_memory_mb": 10}, "code_memory_mb"],
-                         [{"code_sandbox": "docker"}, "code_sandbox"],
-                         [{"code_score": "partial"}, "code_score"]):
+    assert (
+        defaults.code_score,
+        defaults.code_timeout,
+        defaults.code_memory_mb,
+        defaults.code_sandbox,
+    ) == ("all", 5.0, 1024, "bwrap")
+    assert (Limits().timeout, Limits().memory_mb) == (
+        defaults.code_timeout,
+        defaults.code_memory_mb,
+    )
+    for bad, message in (
+        [{"code_timeout": 0}, "code_timeout"],
+        [{"code_timeout": "inf"}, "code_timeout"],
+        [{"code_memory_mb": 10}, "code_memory_mb"],
+        [{"code_sandbox": "docker"}, "code_sandbox"],
+        [{"code_score": "partial"}, "code_score"],
+    ):
         with pytest.raises(ValueError, match=message):
             GRPOConfig.from_flat(bad)
+
+
+def test_eval_and_sample_take_the_code_flags():
+    """grpo-eval and grpo-sample have grpo-train's --code-* flags, with its defaults, and the
+    code reward they build runs with them."""
+    from grpo.cli import sample as sample_cli
+    from grpo.cli.args import code_settings
+    from grpo.evaluation import reward_functions
+
+    for cli in (eval_cli, sample_cli):
+        args = cli.build_parser().parse_args(
+            [
+                "--model",
+                "m",
+                "--output",
+                "o",
+                "--reward",
+                "code",
+                "--code-score",
+                "pass_rate",
+                "--code-timeout",
+                "2.5",
+                "--code-memory-mb",
+                "512",
+                "--code-sandbox",
+                "none",
+            ]
+        )
+        settings = code_settings(args)
+        assert (
+            settings.score,
+            settings.sandbox,
+            settings.limits.timeout,
+            settings.limits.memory_mb,
+        ) == ("pass_rate", "none", 2.5, 512)
+        defaults = code_settings(cli.build_parser().parse_args(["--model", "m", "--output", "o"]))
+        assert defaults == CodeSettings()
+    with pytest.warns(UserWarning, match="--code-sandbox none"):
+        fns = dict(reward_functions(None, ["code"], settings))
+    assert fns["code"].settings == settings
 
 
 # ------------------------------------------------------------------------- examples/code
@@ -210,15 +292,30 @@ def test_examples_dataset():
 
 
 TRAIN = ["--data", str(EXAMPLES / "train.jsonl"), "--rewards", "code", "format"]
-FAST = dict(steps=1, sft_steps=2, prompts_per_step=2, num_generations=2,
-            max_completion_length=16, eval_size=4, micro_batch_size=4, progress=False,
-            dynamic_sampling=False, code_timeout=2.0)
+FAST = dict(
+    steps=1,
+    sft_steps=2,
+    prompts_per_step=2,
+    num_generations=2,
+    max_completion_length=16,
+    eval_size=4,
+    micro_batch_size=4,
+    progress=False,
+    dynamic_sampling=False,
+    code_timeout=2.0,
+)
 
 
 def _config(tmp_path, **overrides) -> GRPOConfig:
-    return GRPOConfig.from_flat({**FAST, "data": str(EXAMPLES / "train.jsonl"),
-                                 "rewards": ["code", "format"],
-                                 "output_dir": str(tmp_path / "run"), **overrides})
+    return GRPOConfig.from_flat(
+        {
+            **FAST,
+            "data": str(EXAMPLES / "train.jsonl"),
+            "rewards": ["code", "format"],
+            "output_dir": str(tmp_path / "run"),
+            **overrides,
+        }
+    )
 
 
 def test_train_without_bwrap_stops_before_the_model(tmp_path, monkeypatch, capsys):
@@ -260,12 +357,42 @@ def test_sft_and_eval_on_examples(tmp_path, capsys):
     """The worked example's other commands: grpo-sft on the reference completions, then
     grpo-eval pass@k with --reward code."""
     model = tmp_path / "sft"
-    assert sft_cli.main(["--data", str(EXAMPLES / "train.jsonl"), "--steps", "2",
-                         "--batch-size", "4", "--output-dir", str(model)]) == 0
+    assert (
+        sft_cli.main(
+            [
+                "--data",
+                str(EXAMPLES / "train.jsonl"),
+                "--steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--output-dir",
+                str(model),
+            ]
+        )
+        == 0
+    )
     report = tmp_path / "eval.json"
-    assert eval_cli.main(["--model", str(model), "--data", str(EXAMPLES / "eval.jsonl"),
-                          "--reward", "code", "--samples", "2", "--max-completion-length", "16",
-                          "--no-progress", "--output", str(report)]) == 0
+    assert (
+        eval_cli.main(
+            [
+                "--model",
+                str(model),
+                "--data",
+                str(EXAMPLES / "eval.jsonl"),
+                "--reward",
+                "code",
+                "--samples",
+                "2",
+                "--max-completion-length",
+                "16",
+                "--no-progress",
+                "--output",
+                str(report),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads(report.read_text())["metrics"]
     assert metrics["prompts"] == 8 and {"pass@1", "pass@2", "cons@2", "reward/code"} <= set(metrics)
     assert json.loads(report.read_text())["settings"]["rewards"] == ["code", "format"]
@@ -273,9 +400,22 @@ def test_sft_and_eval_on_examples(tmp_path, capsys):
 
 def test_eval_without_code_reward_needs_answers(tmp_path):
     model = make_tiny(tmp_path / "m")
-    assert eval_cli.main(["--model", str(model), "--data", str(EXAMPLES / "eval.jsonl"),
-                          "--samples", "1", "--no-progress", "--output",
-                          str(tmp_path / "r.json")]) == 2
+    assert (
+        eval_cli.main(
+            [
+                "--model",
+                str(model),
+                "--data",
+                str(EXAMPLES / "eval.jsonl"),
+                "--samples",
+                "1",
+                "--no-progress",
+                "--output",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 2
+    )
 
 
 @needs_bwrap
@@ -283,9 +423,11 @@ def test_benchmark_smoke(capsys):
     """benchmarks/bench_code_reward.py end to end on 8 completions (no timing claims)."""
     from benchmarks import bench_code_reward
 
-    rows = bench_code_reward.main(["--smoke", "--providers", "bwrap,plain",
-                                   "--workloads", "correct,timeouts"])
+    rows = bench_code_reward.main(
+        ["--smoke", "--providers", "bwrap,plain", "--workloads", "correct,timeouts"]
+    )
     assert {(r["provider"], r["workload"]) for r in rows} == {
-        (p, w) for p in ("bwrap", "plain") for w in ("correct", "timeouts")}
+        (p, w) for p in ("bwrap", "plain") for w in ("correct", "timeouts")
+    }
     assert all(r["completions_per_s"] > 0 for r in rows)
     assert "vs_plain" in capsys.readouterr().out

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -221,6 +222,18 @@ def test_environment_is_empty(sandbox, monkeypatch):
     assert "unreadable /proc/1/environ" in out
 
 
+def test_programs_import_what_the_interpreter_has(sandbox):
+    """The harness runs with -S (faster starts) yet a program sees the interpreter's
+    site-packages, as under `python3 prog.py`; nothing else of the host."""
+    show = "import sys\nprint([p for p in sys.path if p.endswith('-packages')])"
+    inside = run(sandbox, show)
+    assert inside.status == "exit" and inside.code == 0, inside
+    outside = subprocess.run(
+        [sandbox.python, "-I", "-c", show], capture_output=True, check=True, env={}
+    )
+    assert inside.stdout == outside.stdout
+
+
 def test_no_network(reward):
     accepted = []
     server = socket.socket()
@@ -361,8 +374,8 @@ def test_a_batch_of_misbehaving_programs_costs_zeros(reward, tmp_path):
 
 
 def test_timeouts_overlap_across_the_pool():
-    """Six timeouts on two workers: the slow ones give up their workers, so the batch takes
-    about one timeout (at most one more second of grace), not three in a row."""
+    """Six loops on two workers: after a while two of them give up their workers (no more:
+    see the next test), so the batch takes about two timeouts, not three in a row."""
     timeout = 2.0
     reward = CodeReward(CodeSettings(limits=Limits(timeout=timeout), workers=2))
     loops = [answer(f"while True:\n    pass  # {i}") for i in range(6)]  # distinct: 6 runs
@@ -373,6 +386,35 @@ def test_timeouts_overlap_across_the_pool():
 
 
 # ----------------------------------------------------------------------- no sandbox at hand
+
+
+def test_waiting_programs_give_up_their_cores_at_once():
+    """Eight programs that sleep, on two workers: the harness reports them idle, so they wait
+    together and the batch takes about one timeout (let go only after a while, as loops are,
+    they would take three)."""
+    timeout = 1.5
+    reward = CodeReward(CodeSettings(limits=Limits(timeout=timeout), workers=2))
+    waits = [answer(f"import time\ntime.sleep(100)  # {i}") for i in range(8)]
+    start = time.monotonic()
+    scores = reward(waits, inputs=[[""]] * 8, outputs=[["x"]] * 8)
+    assert scores == [0.0] * 8
+    assert reward.pop_metrics()["timeout"] == 8
+    assert time.monotonic() - start < timeout + 1.0
+
+
+def test_slow_correct_programs_are_not_starved_into_timeouts():
+    """Slow samples give up their workers, but the programs in flight stay bounded: a batch
+    of correct programs that each need 0.4 of the timeout in CPU all pass on 2 workers
+    (unbounded, all 16 would share the cores at once and time out on the wall clock)."""
+    timeout = 2.0
+    reward = CodeReward(CodeSettings(limits=Limits(timeout=timeout), workers=2))
+    burn = (
+        "import time\nend = time.process_time() + {cpu}\nwhile time.process_time() < end:\n"
+        "    pass\nprint('ok')  # {i}"
+    )
+    programs = [answer(burn.format(cpu=0.4 * timeout, i=i)) for i in range(16)]
+    scores = reward(programs, inputs=[[""]] * 16, outputs=[["ok"]] * 16)
+    assert scores == [1.0] * 16, reward.pop_metrics()
 
 
 def test_missing_bwrap_says_how_to_install(monkeypatch):
@@ -388,8 +430,11 @@ def test_sandbox_none_warns_and_runs(monkeypatch):
     reward = CodeReward(CodeSettings(sandbox="none", limits=Limits(timeout=1.0)))
     with pytest.warns(UserWarning, match="--code-sandbox none.*read and write every file"):
         reward.prepare()
-    scores = reward([answer("print(input())"), answer("while True: pass")],
-                    inputs=[["ok"]] * 2, outputs=[["ok"]] * 2)
+    scores = reward(
+        [answer("print(input())"), answer("while True: pass")],
+        inputs=[["ok"]] * 2,
+        outputs=[["ok"]] * 2,
+    )
     assert scores == [1.0, 0.0]
     # Its own temporary working directory (removed afterwards) and an empty environment.
     program = "import os\nprint(os.getcwd())\nprint('GRPO_SANDBOX_SECRET' in os.environ)"
