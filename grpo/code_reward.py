@@ -20,8 +20,9 @@ returns their counts since the last call, which the trainer logs per step as ``c
 
 Samples are graded in parallel (``grpo.sandbox.run_parallel``), each in one sandbox start,
 and identical programs on identical tests are run once per call. With ``score="all"`` a
-sample stops at its first failing test; either way it stops at its first timeout, and a
-sample still running after ``slow_after`` gives its worker to the next one: timeouts
+sample stops at its first failing test; either way it stops at its first timeout. A sample
+whose test waits gives its worker to the next one at once, and one still computing after
+``slow_after`` does too while no more than one per core have (run_parallel): timeouts
 overlap instead of queueing (a busy loop still takes its share of the CPU until then).
 """
 
