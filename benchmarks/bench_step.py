@@ -65,7 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", choices=("dense", "moe", "both"), default="both")
     parser.add_argument("--providers", default="ours,trl",
                         help="comma list of ours, ours-logits (ours with the lm_head outside "
-                             "the loss: materialised logits + grpo_loss), trl")
+                             "the loss: materialised logits + grpo_loss), ours-padded (ours "
+                             "without packing), trl")
     parser.add_argument("--steps", type=int, help="measured steps (rounds) [3; 1 with --tiny]")
     parser.add_argument("--warmup", type=int, default=1,
                         help="untimed steps first (compilation, allocator, autotuning)")
@@ -75,6 +76,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--micro-batch", type=int, default=16,
                         help="completions per forward/backward (both providers)")
     parser.add_argument("--template", default="r1zero", help="prompt template (see grpo.data)")
+    parser.add_argument("--lengths", choices=("full", "lognormal"), default="full",
+                        help="completion lengths the training passes see: full (--tokens "
+                             "each), or lognormal (each sampled completion cut to a log-normal "
+                             "length, median --tokens/8, sigma 1, capped at --tokens: EOS "
+                             "with a long tail, where packing matters)")
     parser.add_argument("--generation-cache", choices=("dynamic", "static"),
                         help="ours: rollout KV cache [the trainer's default]")
     parser.add_argument("--compile-generation", action=argparse.BooleanOptionalAction,
@@ -153,10 +159,35 @@ def _peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if common.has_cuda() else float("nan")
 
 
+def _cut_to_long_tail(trainer, tokens: int, seed: int = 0) -> None:
+    """Make trainer.sample_batch cut every completion to a log-normal length (median tokens/8,
+    sigma 1, capped at tokens), as if EOS had been sampled there: the training passes then
+    see a long-tailed mix. Generation still produces every token (its time is unchanged)."""
+    sample, gen = trainer.sample_batch, torch.Generator().manual_seed(seed)
+
+    def cut():
+        batch = sample()
+        r = batch.rollout
+        n = len(r)
+        lengths = torch.exp(torch.randn(n, generator=gen) + math.log(max(1.0, tokens / 8)))
+        lengths = lengths.round().long().clamp(1, tokens).to(r.completion_mask.device)
+        columns = torch.arange(r.completion_ids.shape[1], device=lengths.device)
+        keep = columns[None] < lengths[:, None]
+        r.completion_mask = r.completion_mask * keep
+        r.completion_ids = torch.where(keep, r.completion_ids, trainer.tokenizer.pad_token_id)
+        if r.sampler_logp is not None:
+            r.sampler_logp = r.sampler_logp * keep
+        r.truncated = lengths == tokens
+        return batch
+
+    trainer.sample_batch = cut
+
+
 def run_ours(args: argparse.Namespace, checkpoint: Path, workdir: Path,
-             fused_loss: bool | None = None) -> dict[str, Any]:
+             fused_loss: bool | None = None, packing: bool | None = None) -> dict[str, Any]:
     """Our GRPOTrainer: `warmup` untimed steps, then `steps` timed ones (phase seconds from
-    the step's own metrics). fused_loss: None is the trainer's default (fused on a GPU)."""
+    the step's own metrics). fused_loss, packing: None is the trainer's default (fused on a
+    GPU; packing with flash-attention or sdpa)."""
     from grpo.build import build_trainer, load_reference
     from grpo.config import GRPOConfig
 
@@ -169,8 +200,10 @@ def run_ours(args: argparse.Namespace, checkpoint: Path, workdir: Path,
         gradient_checkpointing=args.gradient_checkpointing, rewards=["accuracy"],
         generation_cache=args.generation_cache, compile_generation=args.compile_generation,
         steps=args.warmup + args.steps, sft_steps=0, eval_size=1, progress=False,
-        fused_loss=fused_loss)
+        fused_loss=fused_loss, packing=packing)
     trainer = build_trainer(cfg)
+    if args.lengths == "lognormal":
+        _cut_to_long_tail(trainer, args.tokens)
     # As train() does when beta > 0: the frozen reference, loaded from the same checkpoint.
     trainer.ref_model = load_reference(trainer.parts)
     records = []
@@ -183,13 +216,14 @@ def run_ours(args: argparse.Namespace, checkpoint: Path, workdir: Path,
         if i >= args.warmup:
             records.append({"step": seconds, **{p: metrics[f"seconds_{p}"] for p in PHASES}})
         # The token counts behind tokens/s assume full-length completions: check it.
-        if metrics["completion_length"] != args.tokens:
+        if args.lengths == "full" and metrics["completion_length"] != args.tokens:
             raise RuntimeError(f"mean completion length {metrics['completion_length']}, "
                                f"expected {args.tokens}: EOS was sampled")
     engine = trainer.engine
     return {"records": records, "peak_gib": _peak_gib(),
             "engine": f"{engine.cache}{'+compile' if engine.compile else ''}"
-                      f"{'+fused-loss' if trainer.forward.fused else ''}"}
+                      f"{'+fused-loss' if trainer.forward.fused else ''}"
+                      f"{'+packing' if trainer.forward.packing else ''}"}
 
 
 def run_trl(args: argparse.Namespace, checkpoint: Path, workdir: Path) -> dict[str, Any]:
@@ -275,7 +309,7 @@ def run_trl(args: argparse.Namespace, checkpoint: Path, workdir: Path) -> dict[s
 
 
 RUNNERS = {"ours": run_ours, "ours-logits": functools.partial(run_ours, fused_loss=False),
-           "trl": run_trl}
+           "ours-padded": functools.partial(run_ours, packing=False), "trl": run_trl}
 
 
 def summarise(model: str, provider: str, params: int, result: dict, args: argparse.Namespace
@@ -288,7 +322,9 @@ def summarise(model: str, provider: str, params: int, result: dict, args: argpar
     tokens = args.prompts * args.G * args.tokens
     step, generate = mean("step"), mean("generate")
     return {
-        "provider": provider, "shape": f"{args.prompts}x{args.G}x{args.tokens}",
+        "provider": provider,
+        "shape": f"{args.prompts}x{args.G}x{args.tokens}"
+                 + ("-lognormal" if args.lengths == "lognormal" else ""),
         "dtype": "bf16" if common.has_cuda() else "fp32", "ms": 1e3 * step,
         "peak_extra_mib": float("nan"),  # whole-run peak instead: peak_gib
         "model": model, "params_m": params / 1e6, "engine": result["engine"],

@@ -14,6 +14,8 @@
 #            0.04): TRL's GRPOTrainer and ours, then ours with the fused lm_head off
 #   summary  python -m benchmarks.proof summary: every target as a ratio of this run
 #   load     bench_load on CUDA (not in the default run)
+#   packing  bench_step with long-tailed completion lengths (issue 18): ours packed against
+#            ours padded, seconds per phase and peak memory (not in the default run)
 # Each stage has a time limit (LIMIT below: 130 + 160 + 200 s) and the run a budget (--budget,
 # default 540 s = 9 minutes): a stage gets at most what is left, keeping SUMMARY_RESERVE for the
 # summary, and a stage that would get less than MIN_STAGE is skipped with a line saying so. A
@@ -34,7 +36,7 @@ PY=${PYTHON:-python3}
 BUDGET=540
 SUMMARY_RESERVE=25
 MIN_STAGE=30
-declare -A LIMIT=([tests]=130 [kernels]=160 [step]=200 [load]=240)
+declare -A LIMIT=([tests]=130 [kernels]=160 [step]=200 [load]=240 [packing]=200)
 smoke=0
 wheels=""
 stages=()
@@ -43,9 +45,9 @@ while (($#)); do
     --cpu-smoke) smoke=1 ;;
     --wheels) wheels=${2:?--wheels needs a folder}; shift ;;
     --budget) BUDGET=${2:?--budget needs seconds}; shift ;;
-    tests | kernels | step | load | summary) stages+=("$1") ;;
+    tests | kernels | step | load | packing | summary) stages+=("$1") ;;
     -h | --help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-    *) echo "usage: $0 [--cpu-smoke] [--wheels DIR] [--budget S] [tests|kernels|step|load|summary ...]" >&2
+    *) echo "usage: $0 [--cpu-smoke] [--wheels DIR] [--budget S] [tests|kernels|step|load|packing|summary ...]" >&2
        exit 2 ;;
   esac
   shift
@@ -63,7 +65,7 @@ if ((smoke)); then
   # Tiny shapes in the Triton interpreter, rows into a scratch folder, not benchmarks/results.
   export BENCH_RESULTS_DIR=${BENCH_RESULTS_DIR:-$scratch/results}
   export TRITON_INTERPRET=1
-  LIMIT=([tests]=60 [kernels]=120 [step]=120 [load]=120)
+  LIMIT=([tests]=60 [kernels]=120 [step]=120 [load]=120 [packing]=120)
 fi
 results=${BENCH_RESULTS_DIR:-benchmarks/results}
 mkdir -p "$results"
@@ -167,6 +169,19 @@ stage_step() {
   fi
 }
 
+stage_packing() {
+  # EOS with a long tail (each completion cut to a log-normal length, median 32 of 256), the
+  # trainer's defaults packed (flash-attention's varlen kernel, else sdpa per sequence) and
+  # padded, each in its own process, 1 warm-up and 2 measured steps.
+  if ((smoke)); then
+    run_stage packing "$PY" -m benchmarks.bench_step --tiny --save --model dense \
+      --providers ours,ours-padded --lengths lognormal --tokens 32 --warmup 0 --steps 1
+  else
+    run_stage packing "$PY" -m benchmarks.bench_step --model dense --providers ours,ours-padded \
+      --lengths lognormal --warmup 1 --steps 2
+  fi
+}
+
 main() {
   echo "GPU proof run $GPU_CHECKS_RUN, git $GIT_SHA, budget ${BUDGET}s, stages: ${stages[*]}"
   if command -v nvidia-smi >/dev/null 2>&1; then
@@ -184,6 +199,7 @@ triton.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda
       kernels) stage_kernels ;;
       step) stage_step ;;
       load) run_stage load "$PY" -m benchmarks.bench_load --device cuda ;;
+      packing) stage_packing ;;
     esac
   done
   local flags=(--logs "$logs")

@@ -184,7 +184,8 @@ def kernel_checks(run: str, smoke: bool) -> list[Check]:
 
 def step_checks(run: str) -> list[Check]:
     rows = [r for r in read_rows("step", run) if r.get("model") == "dense"]
-    ours, trl, logits = (pick(rows, p) for p in ("ours", "trl", "ours-logits"))
+    full = [r for r in rows if not str(r.get("shape", "")).endswith("-lognormal")]
+    ours, trl, logits = (pick(full, p) for p in ("ours", "trl", "ours-logits"))
     detail = (f"ours {num(ours, 'step_s'):.2f} s ({num(ours, 'peak_gib'):.2f} GiB), TRL "
               f"{num(trl, 'step_s'):.2f} s ({num(trl, 'peak_gib'):.2f} GiB)")
     return [
@@ -194,6 +195,23 @@ def step_checks(run: str) -> list[Check]:
                                                          num(trl, "peak_gib")), "<= 1.0"),
         Check("GRPO step peak GiB, fused lm_head off", num(logits, "peak_gib"), "",
               f"update {num(logits, 'update_s'):.2f} s"),
+        *packing_checks(rows),
+    ]
+
+
+def packing_checks(rows: list[dict]) -> list[Check]:
+    """The packing stage (long-tailed lengths), when it ran: packed / padded step seconds."""
+    tail = [r for r in rows if str(r.get("shape", "")).endswith("-lognormal")]
+    if not tail:
+        return []
+    packed, padded = pick(tail, "ours"), pick(tail, "ours-padded")
+    detail = (f"packed {num(packed, 'step_s'):.2f} s ({num(packed, 'peak_gib'):.2f} GiB), "
+              f"padded {num(padded, 'step_s'):.2f} s ({num(padded, 'peak_gib'):.2f} GiB)")
+    return [
+        Check("long-tail step packed / padded (seconds)",
+              _ratio(num(packed, "step_s"), num(padded, "step_s")), "<= 1.0", detail),
+        Check("long-tail step peak memory packed / padded",
+              _ratio(num(packed, "peak_gib"), num(padded, "peak_gib")), "", ""),
     ]
 
 

@@ -32,6 +32,7 @@ from . import data as data_mod
 from . import distributed as dist_mod
 from . import files
 from . import lora as lora_mod
+from . import packing as packing_mod
 from . import rewards as rewards_mod
 from . import tasks as tasks_mod
 from .checkpoint import find_checkpoint
@@ -340,14 +341,18 @@ def _device_and_dtypes(cfg: GRPOConfig, world: int):
 
 
 def _packing(cfg: GRPOConfig, model) -> bool:
-    """--packing / --no-packing; by default on with flash-attention (its varlen kernel skips
-    the other sequences) or a token budget. sdpa and eager get a dense block-diagonal mask over
-    the whole packed row, whose L^2 attention measured slower than padding on the CPU (README,
-    Packing)."""
+    """--packing / --no-packing; by default on where attention stays within each sequence:
+    flash-attention (its varlen kernel) and sdpa (grpo.packing's segment attention), and with
+    a token budget. Eager and flex attention would get a dense block-diagonal mask over the
+    whole packed row, whose L^2 attention measured slower than padding (README, Packing)."""
     if cfg.optim.packing is not None:
         return bool(cfg.optim.packing)
     attention = getattr(model.config, "_attn_implementation", "") or ""
-    return attention.startswith("flash") or cfg.optim.micro_batch_tokens > 0
+    return (
+        attention.startswith("flash")
+        or attention in ("sdpa", packing_mod.SEGMENT_ATTENTION)
+        or cfg.optim.micro_batch_tokens > 0
+    )
 
 
 def _select_kernels(cfg: GRPOConfig, device: torch.device, world: int):

@@ -21,6 +21,15 @@ Routing replay: the expert ids recorded for (row, padded column) follow their to
 packed row (`PackedBatch.routing`); a token with no record (the last of a full-length
 completion, fed only when the router's aux loss needs every token) gets -1: it routes itself.
 
+Attention within each sequence. flash-attention's varlen kernel does it from the positions. sdpa
+(the default elsewhere) would get a dense block-diagonal mask over the whole packed row, whose
+L^2 attention cost more than padding saved (the README's Packing figures); with
+`use_segment_attention` the model's attention becomes SEGMENT_ATTENTION instead: sdpa as before
+for every other forward, and for a packed one (the `packed_segments` keyword, which
+transformers hands down to the attention) causal sdpa over each sequence alone, sequences of
+equal length in one call: sum(n_i^2) attention, as flash-attention's. The packed forward then
+passes an all-ones attention mask, so transformers builds no block-diagonal mask at all.
+
 Token-budget micro-batches (`token_budget_bins`): first-fit decreasing over the packed lengths.
 """
 
@@ -34,6 +43,8 @@ import torch
 from kernels import reference
 
 from .rollout import Rollout
+
+SEGMENT_ATTENTION = "grpo_segment_sdpa"  # the attention implementation's registered name
 
 _CUDA_CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk of rows on a GPU
 _CPU_CHUNK_ROWS = 1024
@@ -87,6 +98,7 @@ class PackedBatch:
     out_col: torch.Tensor  # (Ntok,) ... and its column
     shape: tuple[int, int]  # (mb, C)
     completion_ids: torch.Tensor  # (Ntok,) the predicted tokens
+    segments: tuple[tuple[int, int], ...]  # (start, end) of each sequence in the packed row
 
     def __len__(self) -> int:
         return self.input_ids.shape[1]
@@ -120,8 +132,10 @@ def pack(rollout: Rollout, rows: slice | torch.Tensor, keep_last: bool = False) 
     mb, width_p = prompt_ids.shape
     width_c = completion_ids.shape[1]
     ids, rows_of, cols_of, pred, out_row, out_col, positions = [], [], [], [], [], [], []
+    segments = []
     start = 0
-    for r in range(mb):
+    # Equal lengths side by side: the segment attention runs each run of them in one call.
+    for r in sorted(range(mb), key=lambda r: (int(fed[r]), r)):
         p, c, n = int(p_len[r]), int(c_len[r]), int(fed[r])
         cols = torch.cat([torch.arange(width_p - p, width_p), width_p + torch.arange(n - p)])
         ids.append(torch.cat([prompt_ids[r, width_p - p :], completion_ids[r, : n - p]]))
@@ -132,6 +146,7 @@ def pack(rollout: Rollout, rows: slice | torch.Tensor, keep_last: bool = False) 
         pred.append(start + p - 1 + torch.arange(c))
         out_row.append(torch.full((c,), r, dtype=torch.long))
         out_col.append(torch.arange(c))
+        segments.append((start, start + n))
         start += n
     out_row_t, out_col_t = torch.cat(out_row), torch.cat(out_col)
     return PackedBatch(
@@ -144,7 +159,62 @@ def pack(rollout: Rollout, rows: slice | torch.Tensor, keep_last: bool = False) 
         out_col=out_col_t,
         shape=(mb, width_c),
         completion_ids=completion_ids[out_row_t, out_col_t],
+        segments=tuple(segments),
     )
+
+
+def _segment_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' attention function for SEGMENT_ATTENTION: sdpa, and for a packed forward
+    (query (1, Hq, L, d), key and value (1, Hkv, L, d), kwargs["packed_segments"]: segments
+    tiling [0, L) in order) causal attention within each segment, each run of equal-length
+    segments (pack puts them side by side) in one call on views. Returns (B, L, Hq, d), as
+    sdpa_attention_forward."""
+    segments = kwargs.pop("packed_segments", None)
+    if segments is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if query.shape[0] != 1 or segments[0][0] != 0 or segments[-1][1] != query.shape[2]:
+        raise ValueError(f"packed segments must tile one row of {query.shape[2]} tokens")
+    runs: list[list[int]] = []  # [start, count, length] of equal-length segments side by side
+    for start, end in segments:
+        if runs and runs[-1][2] == end - start and start == runs[-1][0] + runs[-1][1] * runs[-1][2]:
+            runs[-1][1] += 1
+        elif runs and start != runs[-1][0] + runs[-1][1] * runs[-1][2]:
+            raise ValueError("packed segments must tile the row in order")
+        else:
+            runs.append([start, 1, end - start])
+    dropout_p = dropout if module.training else 0.0
+    pieces = []
+    for start, count, n in runs:
+        q, k, v = (
+            t[0, :, start : start + count * n].unflatten(1, (count, n)).transpose(0, 1)
+            for t in (query, key, value)
+        )  # (count, H, n, d) views
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=scaling, dropout_p=dropout_p, enable_gqa=True
+        )  # (count, Hq, n, d)
+        pieces.append(out.transpose(1, 2).flatten(0, 1))  # (count * n, Hq, d)
+    return torch.cat(pieces)[None], None
+
+
+def use_segment_attention(model) -> bool:
+    """Make an sdpa model's attention SEGMENT_ATTENTION (identical outside packed forwards);
+    False, leaving the model as it is, for any other attention (flash-attention's varlen
+    kernel needs nothing; eager and flex keep the block-diagonal mask)."""
+    if getattr(model.config, "_attn_implementation", None) == SEGMENT_ATTENTION:
+        return True
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return False
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(SEGMENT_ATTENTION, _segment_sdpa)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(SEGMENT_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(SEGMENT_ATTENTION)
+    return model.config._attn_implementation == SEGMENT_ATTENTION
 
 
 def chunk_rows(n: int, vocab: int, device: torch.device) -> int:

@@ -96,12 +96,18 @@ class PolicyForward:
         the model's own forward (lm_head on those positions only), or with the fused loss the
         last hidden states there (Ntok, H) and the weight."""
         packed = self.pack(rollout, rows)
+        packing_mod.use_segment_attention(model)  # sdpa: attention within each sequence
         dev = next(model.parameters()).device
         inputs = dict(
             input_ids=packed.input_ids.to(dev),
             position_ids=packed.position_ids.to(dev),
             use_cache=False,
         )
+        if getattr(model.config, "_attn_implementation", None) == packing_mod.SEGMENT_ATTENTION:
+            # Attention per sequence (packing.use_segment_attention); the all-ones mask keeps
+            # transformers from building the (L, L) block-diagonal one.
+            inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+            inputs["packed_segments"] = packed.segments
         pred = packed.pred.to(dev)
         if self.fused:
             states = model.get_decoder()(**inputs).last_hidden_state[0, pred]

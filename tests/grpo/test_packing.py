@@ -123,6 +123,22 @@ def test_packed_step_equals_padded(tmp_path, models, kind, fused):
         _assert_same_step(runs["padded"], _run_step(trainer, batch, ref))
 
 
+def test_router_aux_loss_packed_equals_padded(tmp_path, models):
+    """With the router's load-balancing loss (every token fed, the last of each completion
+    too), the packed step equals the padded one: the aux loss counts the same tokens. Same
+    micro-batches (the loss balances each forward's tokens, so it depends on them)."""
+    opts = dict(router_aux_loss_coef=0.01)
+    padded = _trainer(tmp_path, models["moe"], "padded", packing=False, micro_batch_size=8, **opts)
+    batch, ref = _fixed_batch(padded, models["moe"], moe=True)
+    want = _run_step(padded, batch, ref)
+    assert want[0]["aux_loss"] > 0
+    packed = _trainer(tmp_path, models["moe"], "packed", packing=True, micro_batch_size=8, **opts)
+    assert packed.forward.router_aux_loss
+    got = _run_step(packed, batch, ref)
+    assert got[0]["aux_loss"] == pytest.approx(want[0]["aux_loss"], rel=1e-5)
+    _assert_same_step(want, got)
+
+
 def test_replay_places_the_recorded_experts(tmp_path, models):
     """With recorded experts a free forward would not choose, packed log-probs equal padded
     ones only with replay, and differ without it (the check can fail)."""
@@ -188,7 +204,9 @@ def test_pack_layout(tmp_path, models):
     p_len, c_len, fed = packing.sequence_lengths(r.select(rows))
     assert len(packed) == int(fed.sum()) and packed.pred.numel() == int(c_len.sum())
     starts = (packed.position_ids[0] == 0).nonzero()[:, 0].tolist()
-    assert starts == [0, int(fed[0]), int(fed[0] + fed[1])]
+    order = sorted(range(3), key=lambda i: (int(fed[i]), i))  # shortest first
+    assert starts == [0, int(fed[order[0]]), int(fed[order[0]] + fed[order[1]])]
+    assert packed.segments == tuple(zip(starts, [*starts[1:], len(packed)], strict=True))
     full = torch.cat([r.prompt_ids[rows], r.completion_ids[rows]], 1)
     assert torch.equal(packed.input_ids[0], full[packed.token_row, packed.token_col])
     # the hidden state at pred predicts the token at (out_row, out_col); it is fed just before
@@ -201,6 +219,66 @@ def test_pack_layout(tmp_path, models):
     kept = packing.pack(r, rows, keep_last=True)  # the last token of a full completion: -1
     last = kept.token_col == full.shape[1] - 1
     assert last.any() and (kept.routing(routing)[0, 0, last] == -1).all()
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_segment_attention_equals_the_block_diagonal_mask(tmp_path, models, kind):
+    """sdpa per sequence (packing.use_segment_attention; grouped-query heads, sequences of
+    equal and of different lengths) gives the outputs and gradients of transformers' dense
+    block-diagonal mask, and leaves every other forward (padded, with a mask) as sdpa's."""
+    trainer = _trainer(tmp_path, models[kind], "run", packing=True, micro_batch_size=8)
+    batch, _ = _fixed_batch(trainer, models[kind], moe=False)
+    packed = packing.pack(batch.rollout, slice(0, 8))
+    lengths = [end - start for start, end in packed.segments]
+    assert len(set(lengths)) < len(lengths) < len(packed)  # repeated lengths, several
+    model = load_model(models[kind], dtype=torch.float32)[0]
+    cfg = model.config
+    assert cfg.num_key_value_heads < cfg.num_attention_heads and cfg._attn_implementation == "sdpa"
+    inputs = dict(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False)
+    padded = dict(input_ids=batch.rollout.prompt_ids, attention_mask=batch.rollout.prompt_mask)
+
+    def run(**extra):
+        model.zero_grad()
+        out = model(**inputs, **extra).logits
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    want, want_grads = run()  # sdpa with the (L, L) block-diagonal mask
+    with torch.no_grad():
+        want_padded = model(**padded).logits
+    assert packing.use_segment_attention(model)
+    assert model.config._attn_implementation == packing.SEGMENT_ATTENTION
+    got, got_grads = run(
+        attention_mask=torch.ones_like(packed.input_ids), packed_segments=packed.segments
+    )
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert len(got_grads) == len(want_grads)
+    for g, w in zip(got_grads, want_grads, strict=True):  # fp32 sums in another order
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * float(w.abs().max()))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**padded).logits, want_padded)
+    wrong, _ = run(attention_mask=torch.ones_like(packed.input_ids))  # no segments: one
+    assert (wrong - want).abs().max() > 1e-3  # causal sequence over all: the check can fail
+
+
+def test_packing_is_on_by_default_where_attention_stays_within_sequences(tmp_path, models):
+    from types import SimpleNamespace
+
+    from grpo.build import _packing
+
+    assert _trainer(tmp_path, models["dense"], "sdpa").forward.packing  # the CPU's default
+    cfg = GRPOConfig.from_flat({"output_dir": str(tmp_path / "r")})
+    for attention, on in (
+        ("sdpa", True),
+        ("flash_attention_2", True),
+        ("eager", False),
+        ("flex_attention", False),
+        (packing.SEGMENT_ATTENTION, True),
+    ):
+        model = SimpleNamespace(config=SimpleNamespace(_attn_implementation=attention))
+        assert _packing(cfg, model) is on, attention
+    cfg.optim.packing = False
+    assert not _packing(cfg, SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa")))
 
 
 def test_flags(tmp_path):
