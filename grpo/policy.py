@@ -60,12 +60,15 @@ class PolicyForward:
         return [(rows, True) for rows in parts] + [(parts[0], False)] * (count - len(parts))
 
     @contextlib.contextmanager
-    def replaying(self, rollout: Rollout, rows: slice, on: bool = True) -> Iterator[None]:
-        """The policy's forwards inside use the experts recorded for these rows."""
+    def replaying(
+        self, rollout: Rollout, rows: slice, on: bool = True, packed: bool | None = None
+    ) -> Iterator[None]:
+        """The policy's forwards inside use the experts recorded for these rows, laid out for
+        packed forwards (default: when packing is on) or padded ones."""
         active = on and self.replay is not None and rollout.routing is not None
         if active:
             routing = rollout.routing[:, rows]
-            if self.packing:  # the recorded ids follow their tokens into the packed row
+            if self.packing if packed is None else packed:  # ids follow their tokens
                 routing = self.pack(rollout, rows).routing(routing)
             self.replay.set(routing)
         try:
@@ -169,7 +172,7 @@ class PolicyForward:
         with self.replay.record(num_rows=rows.stop - rows.start):
             free = self.logits(model, rollout, rows)[0]
         free_routing = self.replay.recorded()[:, :, :-1]
-        with self.replaying(rollout, rows):
+        with self.replaying(rollout, rows, packed=False):  # a padded forward
             replayed = self.logits(model, rollout, rows)[0]
         model.train(was_training)
         real = torch.cat([rollout.prompt_mask[rows], rollout.completion_mask[rows]], 1)
