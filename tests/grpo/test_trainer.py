@@ -295,16 +295,26 @@ def test_fused_lm_head_path_matches_logits_path(tmp_path, kind):
 
 
 def _poison(trainer, bad_steps: set[int]) -> None:
-    """The loss (hence every gradient) becomes NaN on the given GRPO steps (1-based)."""
-    loss_fn = trainer.parts.loss_fn
+    """The loss (hence every gradient) becomes NaN on the given GRPO steps (1-based), padded
+    (the step's loss function) or packed (the one each packed micro-batch makes)."""
 
-    def poisoned(*args, **kwargs):
-        loss, stats = loss_fn(*args, **kwargs)
-        if trainer.state["step"] + 1 in bad_steps:
-            loss = loss * float("nan")
-        return loss, stats
+    def poisoning(loss_fn):
+        def poisoned(*args, **kwargs):
+            loss, stats = loss_fn(*args, **kwargs)
+            if trainer.state["step"] + 1 in bad_steps:
+                loss = loss * float("nan")
+            return loss, stats
 
-    trainer.parts.loss_fn = poisoned
+        return poisoned
+
+    trainer.parts.loss_fn = poisoning(trainer.parts.loss_fn)
+    packed_loss_fn = trainer.forward.packed_loss_fn
+
+    def packed(*args, **kwargs):
+        loss_fn, aux = packed_loss_fn(*args, **kwargs)
+        return poisoning(loss_fn), aux
+
+    trainer.forward.packed_loss_fn = packed
 
 
 def test_a_non_finite_step_is_skipped(tmp_path):
