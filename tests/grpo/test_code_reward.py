@@ -187,22 +187,13 @@ def test_correctness_reward_picks_code():
 # ----------------------------------------------------------------------------------- flags
 
 
+# Every --code-* flag away from its default (grpo-train, grpo-eval and grpo-sample share them).
+CODE_FLAGS = ["--code-score", "pass_rate", "--code-timeout", "2.5", "--code-memory-mb", "512",
+              "--code-sandbox", "none"]  # fmt: skip
+
+
 def test_flags():
-    cfg = parse_config(
-        [
-            "--code-score",
-            "pass_rate",
-            "--code-timeout",
-            "2.5",
-            "--code-memory-mb",
-            "512",
-            "--code-sandbox",
-            "none",
-            "--rewards",
-            "code",
-            "format",
-        ]
-    )
+    cfg = parse_config([*CODE_FLAGS, "--rewards", "code", "format"])
     d = cfg.data
     assert (d.code_score, d.code_timeout, d.code_memory_mb, d.code_sandbox) == (
         "pass_rate",
@@ -240,24 +231,8 @@ def test_eval_and_sample_take_the_code_flags():
     from grpo.evaluation import reward_functions
 
     for cli in (eval_cli, sample_cli):
-        args = cli.build_parser().parse_args(
-            [
-                "--model",
-                "m",
-                "--output",
-                "o",
-                "--reward",
-                "code",
-                "--code-score",
-                "pass_rate",
-                "--code-timeout",
-                "2.5",
-                "--code-memory-mb",
-                "512",
-                "--code-sandbox",
-                "none",
-            ]
-        )
+        flags = ["--model", "m", "--output", "o", "--reward", "code", *CODE_FLAGS]
+        args = cli.build_parser().parse_args(flags)
         settings = code_settings(args)
         assert (
             settings.score,
