@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from benchmarks import common
 from grpo.build import build_trainer
 from grpo.config import parse_config
 from grpo.packing import sequence_lengths
@@ -28,10 +29,9 @@ def _lognormal_batch(batch, args, pad_id: int, vocab: int):
     r = batch.rollout
     gen = torch.Generator().manual_seed(args.seed)
     n = len(r)
-    lengths = torch.exp(
-        torch.randn(n, generator=gen) * args.sigma + torch.log(torch.tensor(float(args.median)))
+    lengths = common.lognormal_lengths(
+        n, median=args.median, sigma=args.sigma, cap=args.max_completion_length, generator=gen
     )
-    lengths = lengths.round().long().clamp(1, args.max_completion_length)
     width = int(lengths.max())
     ids = torch.randint(3, vocab, (n, width), generator=gen)
     mask = (torch.arange(width)[None] < lengths[:, None]).long()

@@ -169,8 +169,9 @@ def _cut_to_long_tail(trainer, tokens: int, seed: int = 0) -> None:
         batch = sample()
         r = batch.rollout
         n = len(r)
-        lengths = torch.exp(torch.randn(n, generator=gen) + math.log(max(1.0, tokens / 8)))
-        lengths = lengths.round().long().clamp(1, tokens).to(r.completion_mask.device)
+        lengths = common.lognormal_lengths(
+            n, median=max(1.0, tokens / 8), sigma=1.0, cap=tokens, generator=gen
+        ).to(r.completion_mask.device)
         columns = torch.arange(r.completion_ids.shape[1], device=lengths.device)
         keep = columns[None] < lengths[:, None]
         r.completion_mask = r.completion_mask * keep

@@ -392,3 +392,13 @@ def _release_memory() -> None:
     gc.collect()
     if has_cuda():
         torch.cuda.empty_cache()
+
+
+def lognormal_lengths(
+    n: int, *, median: float, sigma: float, cap: int, generator: torch.Generator
+) -> torch.Tensor:
+    """(n,) int64 lengths from a log-normal (median, sigma), rounded and clamped to [1, cap]:
+    the long-tailed completion lengths of the packing benchmarks."""
+    noise = torch.randn(n, generator=generator) * sigma
+    lengths = torch.exp(noise + torch.log(torch.tensor(float(median))))
+    return lengths.round().long().clamp(1, cap)

@@ -47,7 +47,6 @@ from .config import (
 from .files import atomic_write
 from .policy import PolicyForward
 from .rollout import SamplingParams, make_engine
-from .sandbox import Limits
 
 DEFAULT_EVAL_SIZE = 200  # held-out prompts of a task, and at most of a dataset
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -448,12 +447,7 @@ def _rewards(cfg: GRPOConfig, task) -> tuple[list, torch.Tensor]:
     reward_fns = [rewards_mod.resolve_reward(spec) for spec in names]
     # The code reward with this run's limits, its sandbox checked now (how to install
     # bubblewrap when it is missing; what --code-sandbox none exposes).
-    code = code_mod.CodeSettings(
-        score=d.code_score,
-        sandbox=d.code_sandbox,
-        limits=Limits(timeout=d.code_timeout, memory_mb=d.code_memory_mb),
-    )
-    reward_fns = code_mod.with_code_settings(reward_fns, code)
+    reward_fns = code_mod.with_code_settings(reward_fns, code_mod.settings_from(d))
     weights = list(d.reward_weights) or [1.0] * len(reward_fns)
     weights += [1.0] * (len(reward_fns) - len(weights))
     return reward_fns, torch.tensor(weights, dtype=torch.float32)

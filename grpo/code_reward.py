@@ -331,6 +331,16 @@ class CodeReward:
         return {verdict: counts[verdict] for verdict in VERDICTS}
 
 
+def settings_from(values: Any) -> CodeSettings:
+    """The settings the --code-* fields of `values` give (grpo-train's DataConfig, or the
+    parsed flags of grpo-eval and grpo-sample: the same names)."""
+    return CodeSettings(
+        score=values.code_score,
+        sandbox=values.code_sandbox,
+        limits=Limits(timeout=values.code_timeout, memory_mb=values.code_memory_mb),
+    )
+
+
 def with_code_settings(reward_fns: list[tuple[str, Any]], settings: CodeSettings) -> list:
     """reward_fns with every code reward replaced by one with these settings, its sandbox
     checked (``CodeReward.prepare``) before any model is loaded."""

@@ -199,14 +199,19 @@ def save_full_model(
         return
     state = full_state_dict(model)
     if is_main():
-        if dtype is not None:
-            params = {name for name, _ in model.named_parameters()}
-            state = {
-                k: v.to(dtype) if k in params and v.is_floating_point() else v
-                for k, v in state.items()
-            }
-        save_model(model, tokenizer, path, state_dict=state)
+        save_model(model, tokenizer, path, state_dict=cast_parameters(state, model, dtype))
     barrier()
+
+
+def cast_parameters(state: dict, model: torch.nn.Module, dtype: torch.dtype | None) -> dict:
+    """`state` with the floating-point parameters of `model` cast to dtype (buffers as they
+    are); unchanged when dtype is None."""
+    if dtype is None:
+        return state
+    params = {name for name, _ in model.named_parameters()}
+    return {
+        k: v.to(dtype) if k in params and v.is_floating_point() else v for k, v in state.items()
+    }
 
 
 def local_value(x: torch.Tensor | float) -> float:

@@ -513,14 +513,8 @@ def save_merged(
 
     state = dist_mod.full_state_dict(model)
     if dist_mod.is_main():
-        merged = merged_state_dict(model, state)
         skeleton = _skeleton(model)
-        if dtype is not None:
-            params = {name for name, _ in skeleton.named_parameters()}
-            merged = {
-                k: v.to(dtype) if k in params and v.is_floating_point() else v
-                for k, v in merged.items()
-            }
+        merged = dist_mod.cast_parameters(merged_state_dict(model, state), skeleton, dtype)
         save_model(skeleton, tokenizer, path, state_dict=merged)
     dist_mod.barrier()
 

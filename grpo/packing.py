@@ -39,6 +39,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from kernels import reference
 
@@ -170,9 +173,7 @@ def _segment_sdpa(module, query, key, value, attention_mask, dropout=0.0, scalin
     segments (pack puts them side by side) in one call on views. Returns (B, L, Hq, d), as
     sdpa_attention_forward."""
     segments = kwargs.pop("packed_segments", None)
-    if segments is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    if segments is None:  # every other forward (generation included): sdpa as before
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
@@ -208,9 +209,6 @@ def use_segment_attention(model) -> bool:
         return True
     if getattr(model.config, "_attn_implementation", None) != "sdpa":
         return False
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
     AttentionInterface.register(SEGMENT_ATTENTION, _segment_sdpa)
     ALL_MASK_ATTENTION_FUNCTIONS.register(SEGMENT_ATTENTION, sdpa_mask)
     model.set_attn_implementation(SEGMENT_ATTENTION)

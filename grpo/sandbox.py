@@ -248,6 +248,9 @@ class Sandbox:
         self.limits = limits or Limits()
         self.python = python or default_python()
         self._prefix = self._command_prefix()
+        # Without setpriv (see _drop_root), subprocess changes the user of a root sandbox.
+        root = kind == "bwrap" and os.geteuid() == 0 and not _drop_root()
+        self.user_kwargs = {"user": _NOBODY, "group": _NOBODY, "extra_groups": []} if root else {}
 
     def _command_prefix(self) -> list[str]:
         if self.kind == "none":
@@ -326,13 +329,6 @@ def _drop_root() -> list[str]:
     return [setpriv, f"--reuid={_NOBODY}", f"--regid={_NOBODY}", "--clear-groups"]
 
 
-def _user_kwargs(kind: str) -> dict[str, Any]:
-    """Without setpriv, subprocess changes the user (see _drop_root)."""
-    if kind == "bwrap" and os.geteuid() == 0 and not _drop_root():
-        return {"user": _NOBODY, "group": _NOBODY, "extra_groups": []}
-    return {}
-
-
 _CODE: dict[str, tuple[bytes, list[str]]] = {}
 _CODE_LOCK = threading.Lock()
 
@@ -392,7 +388,7 @@ class Session:
                 env={},  # bwrap's own environment (its init's) is the sandbox's to read
                 cwd=self._workdir or "/",
                 start_new_session=True,
-                **_user_kwargs(sandbox.kind),
+                **sandbox.user_kwargs,
             )
         except OSError as e:
             os.close(read_fd)

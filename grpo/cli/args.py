@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from .. import files
-from ..code_reward import CodeSettings
+from ..code_reward import CodeSettings, settings_from
 from ..config import DataConfig
 from ..evaluation import (
     Samples,
@@ -42,7 +42,6 @@ from ..evaluation import (
     sample_and_score,
 )
 from ..rewards import RewardError
-from ..sandbox import Limits
 from ..tasks import Task
 
 # Bad input (a missing file, a malformed dataset or checkpoint, a reward that cannot run): a
@@ -220,11 +219,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def code_settings(args: argparse.Namespace) -> CodeSettings:
     """The code reward's settings the --code-* flags give."""
-    return CodeSettings(
-        score=args.code_score,
-        sandbox=args.code_sandbox,
-        limits=Limits(timeout=args.code_timeout, memory_mb=args.code_memory_mb),
-    )
+    return settings_from(args)
 
 
 def add_sampling_arguments(
