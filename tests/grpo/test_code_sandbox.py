@@ -174,9 +174,11 @@ def test_writing_outside_the_sandbox(reward, tmp_path):
         "        open(path, 'w').write('pwned')\n"
         "    except OSError:\n"
         "        pass\n"
-        f"print('ok' if not os.path.exists({str(project)!r}) else 'written')"
+        f"print('ok' if not os.path.exists({str(Path(__file__).resolve())!r}) else 'visible')"
     )
-    assert verdict(reward, program) == "passed"  # the project directory is not there at all
+    # The project is not there at all (this file is not; a write to the project's path lands
+    # in the sandbox's own /tmp when the checkout is under /tmp, as a CI clone may be).
+    assert verdict(reward, program) == "passed"
     assert not canary.exists() and not project.exists() and not Path("/canary").exists()
     assert not Path("/usr/canary").exists()
 
