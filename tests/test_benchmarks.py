@@ -14,6 +14,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.mark.parametrize("script", ["bench_grpo_loss", "bench_logprobs", "bench_advantages",
@@ -42,6 +43,23 @@ def test_bench_step_tiny(tmp_path, capsys):
     assert row["gen_tokens_per_s"] > 0
     assert plot.stat().st_size > 0
     assert "note:" not in capsys.readouterr().out
+
+
+def test_bench_step_packed_and_padded_long_tail(tmp_path):
+    """--lengths lognormal cuts the sampled completions (the training passes see a long
+    tail); ours packs by default, ours-padded does not."""
+    from benchmarks import bench_step, common
+
+    rows = bench_step.main(["--tiny", "--model", "dense", "--providers", "ours,ours-padded",
+                            "--lengths", "lognormal", "--tokens", "16", "--warmup", "0",
+                            "--no-isolate", "--no-save", "--plot", str(tmp_path / "s.png")])
+    assert [r["provider"] for r in rows] == ["ours", "ours-padded"]
+    assert all(r["shape"] == "2x2x16-lognormal" for r in rows)
+    assert "+packing" in rows[0]["engine"] and "+packing" not in rows[1]["engine"]
+    lengths = common.lognormal_lengths(
+        4096, median=4, sigma=1.0, cap=16, generator=torch.Generator().manual_seed(0)
+    )
+    assert lengths.min() >= 1 and lengths.max() == 16 and lengths.float().median() == 4
 
 
 def test_bench_step_trl_tiny(tmp_path, capsys):

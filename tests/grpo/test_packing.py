@@ -261,6 +261,17 @@ def test_segment_attention_equals_the_block_diagonal_mask(tmp_path, models, kind
     assert (wrong - want).abs().max() > 1e-3  # causal sequence over all: the check can fail
 
 
+def test_segments_that_do_not_tile_the_row_are_an_error():
+    module = torch.nn.Module()
+    q = torch.randn(1, 4, 6, 8)
+    kv = torch.randn(1, 2, 6, 8)
+    for segments in (((0, 2), (3, 6)), ((0, 2), (2, 5)), ((1, 6),)):
+        with pytest.raises(ValueError, match="tile"):
+            packing._segment_sdpa(module, q, kv, kv, None, packed_segments=segments)
+    out, _ = packing._segment_sdpa(module, q, kv, kv, None, packed_segments=((0, 2), (2, 6)))
+    assert out.shape == (1, 6, 4, 8)
+
+
 def test_packing_is_on_by_default_where_attention_stays_within_sequences(tmp_path, models):
     from types import SimpleNamespace
 
