@@ -1,4 +1,4 @@
-"""Load time and peak memory: models.load_model vs transformers' from_pretrained.
+"""Load time and peak memory: grpo.models.load_model vs transformers' from_pretrained.
 
     python -m benchmarks.bench_load [--device cuda] [--dtype bf16] [--smoke]
 
@@ -41,7 +41,7 @@ def worker(provider: str, path: str, device: str, dtype: str) -> None:
     """Runs in the subprocess: one load, then a JSON line with its figures."""
     from transformers import AutoModelForCausalLM
 
-    from models import load_model
+    from grpo.models import load_model
 
     torch_dtype = common.DTYPES[dtype]
     base = _rss_mib()
@@ -68,7 +68,7 @@ def worker(provider: str, path: str, device: str, dtype: str) -> None:
 
 
 def build(name: str, spec: dict, root: Path, dtype: torch.dtype) -> Path:
-    from models import make_tiny
+    from grpo.models import make_tiny
 
     path = root / name
     if not (path / "config.json").is_file():

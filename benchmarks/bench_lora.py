@@ -29,7 +29,7 @@ import torch
 from grpo import lora as lora_mod
 from grpo.build import build_trainer
 from grpo.config import DEMO_MODEL, GRPOConfig
-from models import make_tiny
+from grpo.models import make_tiny
 
 MODELS = {
     "demo qwen2 (0.62 M)": dict(kind="dense", **DEMO_MODEL),

@@ -9,7 +9,7 @@ reference log-probs, mu=2 optimizer steps on the batch (beta=0.04). Models are r
 checkpoints written to a temporary directory: "dense" has Qwen2.5-0.5B's shapes (494M
 parameters, tied embeddings), "moe" Qwen3-MoE-style shapes that fit one GPU (12 layers, hidden
 1024, 64 experts, top-8, expert width 384: 1.25B parameters). The tokenizer is the character
-tokenizer of models.tiny (no hub access); only the model's vocabulary is Qwen's 151936.
+tokenizer of grpo.models.tiny (no hub access); only the model's vocabulary is Qwen's 151936.
 
 For each (model, provider) it prints seconds per phase (generate, rewards + log-probs, update),
 seconds per step, generation tokens/s (completion tokens / generate seconds), step tokens/s and
@@ -116,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_checkpoint(name: str, path: Path, tiny: bool) -> int:
     """A random-init checkpoint of `name`'s shapes at `path`; returns its parameter count."""
-    from models import make_tiny
+    from grpo.models import make_tiny
 
     spec = dict((TINY_MODELS if tiny else MODELS)[name])
     dtype = torch.float32 if tiny else torch.bfloat16

@@ -63,10 +63,11 @@ def has_cuda() -> bool:
 
 
 def import_kernels() -> tuple[ModuleType, ModuleType]:
-    """Import `kernels` and `kernels.reference` (interpreted without a GPU, see the top)."""
+    """Import `grpo.kernels` and its reference (interpreted without a GPU, see the top)."""
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
-    return importlib.import_module("kernels"), importlib.import_module("kernels.reference")
+    kernels = importlib.import_module("grpo.kernels")
+    return kernels, importlib.import_module("grpo.kernels.reference")
 
 
 def compiled(fn: Callable[..., Any]) -> Callable[..., Any]:

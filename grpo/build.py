@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
-import kernels
-from kernels import reference
-from models import load_model, make_tiny
-from models.layout import MOE_FAMILIES
-from models.routing_replay import RoutingReplay
+from grpo import kernels
+from grpo.kernels import reference
+from grpo.models import load_model, make_tiny
+from grpo.models.layout import MOE_FAMILIES
+from grpo.models.routing_replay import RoutingReplay
 
 from . import code_reward as code_mod
 from . import data as data_mod

@@ -5,7 +5,7 @@ A checkpoint is one directory, the same for one process and for N under torchrun
     checkpoint/
       dcp/              model and optimizer state, torch.distributed.checkpoint (DCP): one
                         `__R_0.distcp` file per process that saved it, plus `.metadata`
-      model/            the model in Hugging Face layout + tokenizer (models.save_model), for
+      model/            the model in Hugging Face layout + tokenizer (grpo.models.save_model), for
                         users: `load_model`, `from_pretrained` and `--model` read it; resuming
                         does not (dcp/ holds the same weights)
       adapter/          instead of model/ for a LoRA policy (grpo.lora): the adapters in

@@ -6,7 +6,7 @@ real default; settable from flat command-line flags and YAML/JSON keys.
     sampling  prompts and completions per step, generation length and temperature, DAPO's
               dynamic sampling, masks and reward shaping of the samples
     rollout   the generation engine and the sampler correction
-    loss      kernels.GRPOLossConfig: the GRPO objective (TRL 1.16's names and defaults)
+    loss      grpo.kernels.GRPOLossConfig: the GRPO objective (TRL 1.16's names and defaults)
     optim     steps, learning rate and its schedule, micro-batches, GRPO's mu iterations
     moe       routing replay and the router
     cold_start  supervised warm-up before GRPO
@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kernels import GRPOLossConfig
-from kernels.reference import IMPORTANCE_LEVELS, LOSS_TYPES, SAMPLER_CORRECTIONS, SCALES
+from grpo.kernels import GRPOLossConfig
+from grpo.kernels.reference import IMPORTANCE_LEVELS, LOSS_TYPES, SAMPLER_CORRECTIONS, SCALES
 
 from .lora import LR_HELP, check_settings
 
@@ -353,7 +353,7 @@ DEMO: dict[str, Any] = {
     "loss_type": "dapo",
     "beta": 0.0,
 }
-# The built-in model (models.make_tiny) that grpo-train and grpo-sft create without --model.
+# The built-in model (grpo.models.make_tiny) that grpo-train and grpo-sft create without --model.
 DEMO_MODEL = {"family": "qwen2", "hidden": 128, "layers": 4}
 # With the demo's arithmetic task: 2-digit additions, whose carries the tiny model can learn.
 DEMO_TASK_ARGS = {"operators": "+"}

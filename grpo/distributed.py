@@ -187,10 +187,10 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
 def save_full_model(
     model: torch.nn.Module, tokenizer: object | None, path: Path, dtype: torch.dtype | None = None
 ) -> None:
-    """models.save_model for a sharded or plain model: every rank calls it, rank 0 writes.
+    """grpo.models.save_model for a sharded or plain model: every rank calls it, rank 0 writes.
     dtype: cast the parameters to it (fp32 master weights saved as the compute dtype). A
     model with LoRA adapters is saved merged, under its original parameter names."""
-    from models import save_model
+    from grpo.models import save_model
 
     from .lora import is_lora, save_merged
 

@@ -103,7 +103,7 @@ def cons_at_k(texts: Sequence[str], correct: Sequence[bool]) -> bool:
 
 def is_char_tokenizer(tokenizer) -> bool:
     """True for a character-level vocabulary (every regular token one character), such as
-    models.tiny's: such models get the demo's template and completion length (config.DEMO),
+    grpo.models.tiny's: such models get the demo's template and completion length (config.DEMO),
     as grpo-train gives its built-in model.
 
     grpo-eval, grpo-sample and grpo-sft read a model directory, which may be one the demo
@@ -134,7 +134,7 @@ def load_model_for_eval(path: str):
     without tokenizer files is a ValueError (models.CheckpointError). `path` may also be a
     LoRA adapter in PEFT's format (a run's final/adapter/): its base model with the adapters
     merged in."""
-    from models import load_model
+    from grpo.models import load_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -506,10 +506,10 @@ def _skeleton(model: nn.Module):
 def save_merged(
     model: nn.Module, tokenizer, path: str | Path, dtype: torch.dtype | None = None
 ) -> None:
-    """Base + adapters merged, in Hugging Face layout (models.save_model) under the original
+    """Base + adapters merged, in Hugging Face layout (grpo.models.save_model) under the original
     names: a plain model for transformers, load_model, --model. Every rank calls it; rank 0
     writes. dtype: cast the parameters to it."""
-    from models import save_model
+    from grpo.models import save_model
 
     state = dist_mod.full_state_dict(model)
     if dist_mod.is_main():
@@ -595,7 +595,7 @@ def load_adapter_model(path: str | Path, *, dtype: torch.dtype, device):
     adapters merged in (peft's merge_and_unload): a plain transformers model."""
     from peft import PeftModel
 
-    from models import load_model
+    from grpo.models import load_model
 
     base = adapter_base(path)
     model, tokenizer = load_model(base, dtype=dtype, device=device)

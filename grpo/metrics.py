@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from kernels import reference
+from grpo.kernels import reference
 
 from . import distributed as dist_mod
 from . import rewards as rewards_mod

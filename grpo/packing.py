@@ -11,7 +11,7 @@ fp32 rounding for a dense and an MoE family).
 
 Only the hidden states that predict a completion token go on to the lm_head: `PackedBatch.pred`
 (Ntok positions), their log-probs are scattered back to the (mb, C) layout (zeros elsewhere),
-and the GRPO objective runs there unchanged (kernels.reference.grpo_objective: masks,
+and the GRPO objective runs there unchanged (grpo.kernels.reference.grpo_objective: masks,
 sequence-level ratios, per-sequence normalisation), so the step's loss and gradient are the
 padded ones. `CompactLogprobs` takes the logits (or the last hidden states and the lm_head
 weight, in chunks of rows: no (Ntok, V) logits at once) and differentiates the log-probs and
@@ -43,7 +43,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from kernels import reference
+from grpo.kernels import reference
 
 from .rollout import Rollout
 

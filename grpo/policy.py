@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
-from models.routing_replay import RoutingReplay
+from grpo import kernels
+from grpo.models.routing_replay import RoutingReplay
 
 from . import distributed as dist_mod
 from . import packing as packing_mod

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
-from kernels import reference
+from grpo import kernels
+from grpo.kernels import reference
 
 from . import data as data_mod
 from . import distributed as dist_mod

@@ -71,7 +71,7 @@ def failed_write(prog: str, error: BaseException, *, retry: str, option: str) ->
     return 1
 
 
-# What a saved model directory holds (models.save_model, a tokenizer, grpo-eval's report):
+# What a saved model directory holds (grpo.models.save_model, a tokenizer, grpo-eval's report):
 # grpo-sft --overwrite replaces a directory of these and nothing else (adapter/: the LoRA
 # adapters grpo-sft --lora-rank writes beside the merged model).
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json",

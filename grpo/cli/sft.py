@@ -4,7 +4,7 @@
     grpo-sft --task arithmetic --steps 300 --output-dir out/   # the demo's built-in model
 
 Distillation is this command on a teacher's samples (grpo-sample): `--model` is the student
-(any architecture models.load_model reads, dense or MoE), or without it (demo mode,
+(any architecture grpo.models.load_model reads, dense or MoE), or without it (demo mode,
 config.is_demo) a fresh built-in tiny model of --tiny-hidden x --tiny-layers. `--packing`
 concatenates short examples into rows of up to --max-length tokens, each attending only to
 itself, so the loss is that of the unpacked batch with less padding. The training is
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from models import load_model, make_tiny, save_model
+from grpo.models import load_model, make_tiny, save_model
 
 from .. import data as data_mod
 from .. import distributed as dist_mod

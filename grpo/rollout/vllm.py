@@ -18,7 +18,7 @@ weight load per step, as full fine-tuning does.
 
 vLLM returns the log-prob of each sampled token under the distribution it sampled from
 (`logprobs_mode="processed_logprobs"`: after temperature and top_p), which is what the
-sampler correction (kernels.reference.sampler_importance_weights) compares with the trainer's.
+sampler correction (grpo.kernels.reference.sampler_importance_weights) compares with the trainer's.
 Token ids go in and come out as ids (`skip_tokenizer_init`): our tokenizer decodes, so
 prompts and completions are tokenised exactly as the trainer sees them.
 

@@ -8,7 +8,7 @@ reward (``Task.reward_functions()``), and this registry builds them by name.
   by accuracy and format.
 
 Built-in tasks are generated, not downloaded, and all their text is printable ASCII, so the
-character tokenizer of ``models.tiny`` covers it. Streams and held-out splits of a task are
+character tokenizer of ``grpo.models.tiny`` covers it. Streams and held-out splits of a task are
 in ``grpo.data``.
 """
 

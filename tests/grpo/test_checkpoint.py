@@ -22,7 +22,7 @@ from grpo.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from models import load_model, make_tiny, save_model
+from grpo.models import load_model, make_tiny, save_model
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,9 @@ from grpo.config import GRPOConfig, parse_config
 from grpo.data import load_jsonl
 from grpo.evaluation import reward_columns
 from grpo.metrics import read_metrics
+from grpo.models import make_tiny
 from grpo.rewards import REWARDS, correctness_reward, format_reward, resolve_reward, score
 from grpo.sandbox import Limits, SandboxError, SandboxUnavailable
-from models import make_tiny
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "code"
 SUM = ["1 2\n", "3 4\n", "5\n", "0 0\n", "-1 1\n"]

@@ -15,8 +15,8 @@ from grpo.data import (
     split_examples,
     task_splits,
 )
+from grpo.models import char_tokenizer
 from grpo.tasks import ArithmeticTask, CountdownTask
-from models import char_tokenizer
 
 
 def test_eval_train_disjoint():

@@ -11,7 +11,7 @@ import sys
 
 from grpo.checkpoint import find_checkpoint
 from grpo.metrics import read_metrics
-from models import load_model
+from grpo.models import load_model
 
 from .runs import REPO
 

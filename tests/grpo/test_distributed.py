@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models import make_tiny
+from grpo.models import make_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMON = ["--steps", "2", "--beta", "0.04", "--num-iterations", "2"]

@@ -23,9 +23,9 @@ from grpo.evaluation import (
     reward_functions,
     summarize,
 )
+from grpo.models import make_tiny
 from grpo.rewards import answer_key, score
 from grpo.tasks import make_task
-from models import make_tiny
 
 
 def _exact_pass_at_k(n: int, c: int, k: int) -> float:

@@ -24,7 +24,7 @@ import grpo.cli.sample
 import grpo.cli.sft
 from grpo.cli.train import main
 from grpo.metrics import read_metrics
-from models import make_tiny
+from grpo.models import make_tiny
 
 from .runs import SMALL_RUN, comparable, grpo_train, steps_done
 

@@ -22,7 +22,7 @@ from grpo.checkpoint import load_checkpoint
 from grpo.cli.train import main as train_main
 from grpo.config import GRPOConfig, build_parser
 from grpo.metrics import read_metrics
-from models import load_model, make_tiny
+from grpo.models import load_model, make_tiny
 from tests.grpo.test_rollout_engines import _FakeLLM, _SamplingParams
 
 FAST = dict(steps=2, sft_steps=2, sft_batch_size=8, prompts_per_step=2, num_generations=4,
@@ -313,7 +313,7 @@ def test_moe_stacked_experts_through_target_parameters(tmp_path, moe):
 
 
 def test_expert_adapters_run_through_the_triton_experts_kernel(moe):
-    """The stacked experts' adapters on moe_backend="triton" (kernels.moe_experts; in the
+    """The stacked experts' adapters on moe_backend="triton" (grpo.kernels.moe_experts; in the
     interpreter on a CPU) give the eager experts' logits and adapter gradients."""
     settings = lora_mod.LoRASettings.create(4, target_parameters=["experts"])
     results = []

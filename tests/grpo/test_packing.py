@@ -13,7 +13,7 @@ import torch
 from grpo import packing
 from grpo.build import build_trainer
 from grpo.config import GRPOConfig, parse_config
-from models import load_model, make_tiny
+from grpo.models import load_model, make_tiny
 
 BASE = dict(
     steps=1,

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from grpo.config import GRPOConfig
+from grpo.models import load_model, make_tiny
 from grpo.rollout import SamplingParams, TransformersEngine
-from models import load_model, make_tiny
 
 PROMPTS = ["12+34=", "7+8=", "99+1="]
 

@@ -16,7 +16,9 @@ import torch
 
 from grpo.build import build_trainer
 from grpo.config import GRPOConfig
+from grpo.kernels.reference import sampler_importance_weights
 from grpo.metrics import read_metrics
+from grpo.models import char_tokenizer, load_model, make_tiny
 from grpo.rollout import (
     Rollout,
     SamplingParams,
@@ -25,8 +27,6 @@ from grpo.rollout import (
     rollout_from_tokens,
     tokenize_prompts,
 )
-from kernels.reference import sampler_importance_weights
-from models import char_tokenizer, load_model, make_tiny
 
 FAST = dict(steps=2, sft_steps=0, prompts_per_step=2, num_generations=4,
             max_completion_length=12, eval_size=4, micro_batch_size=4, progress=False,

@@ -15,8 +15,8 @@ from grpo.cli.eval import main as eval_main
 from grpo.cli.sample import main as sample_main
 from grpo.cli.sft import main as sft_main
 from grpo.evaluation import rejection_filter
+from grpo.models import load_model, make_tiny
 from grpo.tasks import make_task
-from models import load_model, make_tiny
 from tests.grpo.test_eval import _scored
 
 GOOD = "<think>1+1=2, so 2</think><answer>2</answer>"

@@ -11,8 +11,8 @@ import torch
 
 import grpo.cli.sft
 from grpo.cli.sft import build_parser, run
+from grpo.models import load_model, make_tiny
 from grpo.sft import encode_pair, pack, run_sft, sft_loss, sft_loss_packed
-from models import load_model, make_tiny
 
 PAIRS = [("12+3\n", "<think>2+3=5, 1+0=1</think><answer>15</answer>"),
          ("1+1\n", "<answer>2</answer>"),

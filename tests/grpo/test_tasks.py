@@ -8,10 +8,10 @@ from fractions import Fraction
 
 import pytest
 
+from grpo.models import char_tokenizer
 from grpo.rewards import REWARDS, accuracy_reward, format_reward, resolve_reward
 from grpo.tasks import TASKS, ArithmeticTask, CountdownTask, SortTask, make_task
 from grpo.tasks.countdown import MAX_EXPR_CHARS, countdown_reward, evaluate
-from models import char_tokenizer
 
 
 def fmt(think: str, answer: str) -> str:

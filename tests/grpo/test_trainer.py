@@ -16,8 +16,8 @@ from grpo.build import build_trainer
 from grpo.cli.train import main
 from grpo.config import GRPOConfig, parse_config
 from grpo.metrics import read_metrics
+from grpo.models import load_model, make_tiny
 from grpo.rollout import Rollout
-from models import load_model, make_tiny
 
 from .runs import comparable, grpo_train, interrupt_after
 
@@ -194,7 +194,7 @@ def test_config_file_and_flags(tmp_path):
 def test_loss_options_reach_the_kernels(tmp_path):
     """TRL's defaults (dapo, beta 0, the bias-corrected KL, eps_high = eps_low) and every
     loss flag land in the GRPOLossConfig the trainer hands to the kernels."""
-    from kernels import GRPOLossConfig
+    from grpo.kernels import GRPOLossConfig
 
     cfg = parse_config(["--model", "", "--output-dir", str(tmp_path / "a")])
     assert cfg.loss == GRPOLossConfig(

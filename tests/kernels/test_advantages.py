@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from kernels import group_advantages
-from kernels.reference import combine_rewards, group_advantages_ref, scorable
+from grpo.kernels import group_advantages
+from grpo.kernels.reference import combine_rewards, group_advantages_ref, scorable
 
 from .helpers import assert_close
 

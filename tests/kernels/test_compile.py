@@ -7,7 +7,7 @@ main loop loses more than any tile choice gains, so both are checked here. The l
 (block sizes, num_warps, num_stages, DOT_PRECISION) come from the functions the launchers call
 themselves (moe.launch_configs, _checks.row_config, grpo_loss.scale_config,
 advantages.launch_config), so this test and the launchers cannot drift apart, and every
-top-level @triton.jit kernel of kernels/ must appear. The integer arguments take the values of
+top-level @triton.jit kernel of grpo/kernels/ must appear. The integer arguments take the values of
 a real launch (Qwen3-30B-A3B's experts and widths that are not multiples of 16, Qwen's
 vocabulary and an odd one), so triton specialises them as it does at launch (multiples of 16,
 ones) and the unaligned worst case is covered too.
@@ -68,9 +68,9 @@ def cuda_launches() -> list[Launch]:
     import torch
     from triton.runtime.jit import MockTensor
 
-    from kernels._checks import row_config
+    from grpo.kernels._checks import row_config
 
-    m = {name: importlib.import_module(f"kernels.{name}") for name in MODULES}
+    m = {name: importlib.import_module(f"grpo.kernels.{name}") for name in MODULES}
     cuda = torch.device("cuda")
     f32, i32, i64 = torch.float32, torch.int32, torch.int64
 
@@ -201,7 +201,7 @@ def jit_kernels() -> set[str]:
 
     names = set()
     for name in MODULES:
-        mod = importlib.import_module(f"kernels.{name}")
+        mod = importlib.import_module(f"grpo.kernels.{name}")
         names |= {k for k, v in vars(mod).items()
                   if isinstance(v, triton.runtime.JITFunction) and k.endswith("_kernel")}
     return names

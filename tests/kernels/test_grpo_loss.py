@@ -8,8 +8,8 @@ import itertools
 import pytest
 import torch
 
-from kernels import grpo_loss
-from kernels.reference import LOSS_TYPES, grpo_loss_ref, stat_names, token_logprobs_ref
+from grpo.kernels import grpo_loss
+from grpo.kernels.reference import LOSS_TYPES, grpo_loss_ref, stat_names, token_logprobs_ref
 
 from .helpers import assert_close, assert_within_ref_error
 
@@ -338,7 +338,7 @@ def _compiled_count(kernel) -> int:
 def test_large_grid_and_no_recompile(device):
     """B*T above 65,535 rows runs (1-D grid), and a new T, temperature, eps or beta reuses
     the compiled kernel."""
-    from kernels.grpo_loss import _grpo_token_kernel
+    from grpo.kernels.grpo_loss import _grpo_token_kernel
 
     vocab = 256
     counts = []
@@ -360,7 +360,7 @@ def test_large_grid_and_no_recompile(device):
 def _long_and_wide(device, dtype, batch, seq_len, vocab, hidden_size):
     """grpo_loss (token level, beta 0.04, dapo, in place) and token_logprobs against the
     reference on (batch, seq_len, vocab) logits; linear_grpo_loss too when hidden_size."""
-    from kernels import linear_grpo_loss, token_logprobs
+    from grpo.kernels import linear_grpo_loss, token_logprobs
 
     gen = torch.Generator(device=device).manual_seed(seq_len)
     logits = (torch.randn(batch, seq_len, vocab, device=device, generator=gen) * 2).to(dtype)

@@ -44,9 +44,9 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from kernels import GRPOLossConfig, linear_grpo_loss
-from kernels._checks import use_triton
-from kernels.reference import grpo_loss_ref
+from grpo.kernels import GRPOLossConfig, linear_grpo_loss
+from grpo.kernels._checks import use_triton
+from grpo.kernels.reference import grpo_loss_ref
 
 from .helpers import assert_close
 

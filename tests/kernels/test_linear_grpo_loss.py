@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import GRPOLossConfig, linear_grpo_loss, token_logprobs_from_hidden
-from kernels.reference import LOSS_TYPES, grpo_loss_ref, token_logprobs_ref
+from grpo.kernels import GRPOLossConfig, linear_grpo_loss, token_logprobs_from_hidden
+from grpo.kernels.reference import LOSS_TYPES, grpo_loss_ref, token_logprobs_ref
 
 from .helpers import assert_close, assert_within_ref_error
 

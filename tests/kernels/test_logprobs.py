@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import kernels._checks
-from kernels import token_logprobs
 from kernels.reference import token_logprobs_ref
+
+from grpo import kernels
+from grpo.kernels import token_logprobs
 
 from .helpers import assert_close, assert_within_ref_error
 

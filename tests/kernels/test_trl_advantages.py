@@ -16,9 +16,9 @@ transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 packaging_version = pytest.importorskip("packaging.version")
 
-from kernels import group_advantages  # noqa: E402
-from kernels.reference import group_advantages_ref  # noqa: E402
-from models.tiny import char_tokenizer  # noqa: E402
+from grpo.kernels import group_advantages  # noqa: E402
+from grpo.kernels.reference import group_advantages_ref  # noqa: E402
+from grpo.models.tiny import char_tokenizer  # noqa: E402
 
 from .helpers import assert_close  # noqa: E402
 

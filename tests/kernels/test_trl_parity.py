@@ -47,8 +47,8 @@ import math
 import pytest
 import torch
 
-from kernels import GRPOLossConfig, grpo_loss, linear_grpo_loss
-from kernels.reference import grpo_loss_ref
+from grpo.kernels import GRPOLossConfig, grpo_loss, linear_grpo_loss
+from grpo.kernels.reference import grpo_loss_ref
 
 from . import trl_oracle as oracle
 

@@ -12,10 +12,11 @@ import traceback
 
 import pytest
 import torch
+from kernels.reference import group_advantages_ref, grpo_loss_ref
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import kernels
-from kernels import (
+from grpo import kernels
+from grpo.kernels import (
     check_values,
     group_advantages,
     grpo_loss,
@@ -25,7 +26,6 @@ from kernels import (
     token_logprobs_from_hidden,
     value_checks,
 )
-from kernels.reference import group_advantages_ref, grpo_loss_ref
 
 from .test_grpo_loss import make_inputs as loss_inputs
 from .test_linear_grpo_loss import make_inputs as linear_inputs
@@ -41,7 +41,7 @@ PATHS = ["triton", "reference"]
 def path(request, monkeypatch):
     if request.param == "reference":
         for mod in ("grpo_loss", "linear_grpo_loss", "advantages", "logprobs", "moe"):
-            monkeypatch.setattr(importlib.import_module(f"kernels.{mod}"), "use_triton",
+            monkeypatch.setattr(importlib.import_module(f"grpo.kernels.{mod}"), "use_triton",
                                 lambda t: False)
     return request.param
 

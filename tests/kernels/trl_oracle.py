@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from models.tiny import char_tokenizer
+from grpo.models.tiny import char_tokenizer
 
 # The tiny policy: an odd vocabulary, GQA (4 query heads on 2 key/value heads), 2 layers.
 VOCAB, HIDDEN, LAYERS, HEADS, KV_HEADS = 107, 32, 2, 4, 2

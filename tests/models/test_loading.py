@@ -13,9 +13,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-import models.saving
-from models import CheckpointError, load_model, make_tiny, save_model
-from models.layout import MOE_FAMILIES, SUPPORTED_FAMILIES
+from grpo import models
+from grpo.models import CheckpointError, load_model, make_tiny, save_model
+from grpo.models.layout import MOE_FAMILIES, SUPPORTED_FAMILIES
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import load_model, make_tiny
-from models.layout import MOE_FAMILIES
-from models.routing_replay import RoutingReplay
+from grpo.models import load_model, make_tiny
+from grpo.models.layout import MOE_FAMILIES
+from grpo.models.routing_replay import RoutingReplay
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests for models/tiny.py: the char tokenizer and the tiny random checkpoints."""
+"""Tests for grpo/models/tiny.py: the char tokenizer and the tiny random checkpoints."""
 
 import json
 import re
@@ -9,7 +9,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from models.tiny import TAGS, TINY_FAMILIES, char_tokenizer, make_tiny
+from grpo.models.tiny import TAGS, TINY_FAMILIES, char_tokenizer, make_tiny
 
 TEXTS = [
     "<think>2+3=5\nok</think><answer>5</answer>",

@@ -20,7 +20,7 @@ IMPORTANCE_LEVELS = ("token", "sequence")
 
 @dataclass(frozen=True)
 class GRPOLossConfig:
-    """Options of the GRPO objective (semantics: kernels/reference.py, grpo_objective)."""
+    """Options of the GRPO objective (semantics: grpo/kernels/reference.py, grpo_objective)."""
 
     temperature: float = 1.0
     beta: float = 0.0  # KL coefficient; > 0 needs ref_logp

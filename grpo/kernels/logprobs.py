@@ -207,7 +207,7 @@ def token_logprobs(
     logits (B, T, V) float with unit stride on V; ids (B, T) integer in [0, V).
     With return_entropy=True also returns the entropy of each row's distribution (B, T).
     Used for old-policy and reference log-probs: one read of the logits per row.
-    validate: check the ids' values (a host sync); None follows kernels.value_checks.
+    validate: check the ids' values (a host sync); None follows grpo.kernels.value_checks.
     """
     check_logits_ids(logits, ids)
     if not temperature > 0:

@@ -3,8 +3,8 @@
 Shapes: logits (B, T, V) any float dtype with unit stride on V, logits[b, t] predicting
 ids[b, t] (B, T); advantages (B,), or per token (B, T); mask, old_logp, ref_logp, sampler_logp
 and importance_sampling_ratio (B, T) fp32.
-Semantics: kernels/reference.py (grpo_objective: TRL 1.16's GRPOTrainer._compute_loss);
-options: kernels/loss_config.py (GRPOLossConfig).
+Semantics: grpo/kernels/reference.py (grpo_objective: TRL 1.16's GRPOTrainer._compute_loss);
+options: grpo/kernels/loss_config.py (GRPOLossConfig).
 
 The loss is a weighted sum of per-token terms; when every weight (mask, normaliser, advantage,
 sampler weight) is known before the pass (GRPOLossConfig.one_pass), d loss / d logits is
@@ -321,7 +321,7 @@ def grpo_loss(
     optimizer step), num_sequences (its sequences), accumulation_steps (its micro-batches).
     inplace=True writes the gradient over the logits (they must not be used afterwards).
     validate: check the values (ids in [0, V); advantages, old_logp, ref_logp and
-    importance_sampling_ratio finite), one host sync; None follows kernels.value_checks.
+    importance_sampling_ratio finite), one host sync; None follows grpo.kernels.value_checks.
     Without it neither the call nor its backward synchronises the device.
     Stats: reference.stat_names(loss_type, importance_level), TRL's names and meanings.
     """

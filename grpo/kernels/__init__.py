@@ -1,4 +1,4 @@
-"""Triton kernels for GRPO, each with a plain-PyTorch reference in kernels.reference.
+"""Triton kernels for GRPO, each with a plain-PyTorch reference in grpo.kernels.reference.
 
 CUDA tensors run the Triton kernels; CPU tensors run the reference, or the Triton
 kernels themselves under the interpreter when TRITON_INTERPRET=1 is set before import.

@@ -3,7 +3,7 @@
 Everything here is built offline: the tokenizer comes from the `tokenizers` library and the
 models from `transformers` configs, so no hub access is needed. `make_tiny` writes a real
 HF-layout directory (config.json, sharded safetensors + index, tokenizer files) that both
-`transformers.AutoModelForCausalLM.from_pretrained` and our own `models.load_model` read, for
+`transformers.AutoModelForCausalLM.from_pretrained` and our own `grpo.models.load_model` read, for
 dense families and for each MoE router flavour we support.
 """
 

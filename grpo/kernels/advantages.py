@@ -2,7 +2,7 @@
 
 Shapes: rewards (N,) or (N, R) for R reward functions (any real dtype, any strides),
 weights (R,); N = num_prompts * group_size with each prompt's group contiguous.
-Output advantages (N,) fp32. Semantics: kernels/reference.py (group_advantages_ref).
+Output advantages (N,) fp32. Semantics: grpo/kernels/reference.py (group_advantages_ref).
 
 One program per group: it loads the group's G x R rewards, combines the columns with the
 weights ignoring NaN (TRL's nansum: a NaN means a reward function does not apply), and
@@ -84,7 +84,7 @@ def group_advantages(
     does not apply, NaN in every column: unscorable (advantage 0, out of the group's stats).
     scale: "group" (r - mean) / (group std + eps), "batch" / (std of all scorable r + eps),
     "none" r - mean. validate: an infinite reward is a ValueError naming it (one host sync;
-    the reference always checks); None follows kernels.value_checks. Unchecked, the kernel
+    the reference always checks); None follows grpo.kernels.value_checks. Unchecked, the kernel
     gives an infinite reward's group NaN advantages.
     """
     check_rewards(rewards, group_size, weights, scale)

@@ -110,8 +110,8 @@ def _set_experts_backend(model: PreTrainedModel, moe_backend: str, device: torch
 
 def _triton_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                             top_k_weights: torch.Tensor) -> torch.Tensor:
-    """transformers' experts interface -> kernels.moe_experts (stacked SwiGLU experts)."""
-    from kernels import moe_experts
+    """transformers' experts interface -> grpo.kernels.moe_experts (stacked SwiGLU experts)."""
+    from grpo.kernels import moe_experts
 
     return moe_experts(hidden_states, self.gate_up_proj, self.down_proj, top_k_index,
                        top_k_weights)

@@ -498,7 +498,7 @@ def moe_experts(
     dtype; topk_ids (N, k) integer in [0, E); topk_weights (N, k) float. -> (N, H) in
     hidden's dtype, accumulated in fp32. Differentiable in hidden, gate_up, down and
     topk_weights; deterministic (no atomics). validate: check that the ids lie in [0, E)
-    (one host sync); None follows kernels.value_checks.
+    (one host sync); None follows grpo.kernels.value_checks.
     """
     _check_moe(hidden, gate_up, down, topk_ids, topk_weights, checking(validate))
     if not use_triton(hidden):

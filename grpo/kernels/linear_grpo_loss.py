@@ -3,7 +3,7 @@
 
 Shapes: hidden (B, T, H); weight (V, H), the lm_head; ids (B, T); advantages (B,) or (B, T);
 mask, old_logp, ref_logp (B, T). Semantics: those of grpo_loss / token_logprobs on the logits
-hidden @ weight.T (kernels/reference.py).
+hidden @ weight.T (grpo/kernels/reference.py).
 
 Tokens are processed in chunks of rows. One-pass options (GRPOLossConfig.one_pass), per chunk:
 logits = h @ W^T (one GEMM), the fused GRPO kernel turns them in place into d loss / d logits,
