@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernels.reference import token_logprobs_ref
+from grpo.kernels.reference import token_logprobs_ref
 
 from grpo import kernels
 from grpo.kernels import token_logprobs

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernels.reference import moe_experts_ref
+from grpo.kernels.reference import moe_experts_ref
 
 from grpo import kernels
 from grpo.kernels import moe_experts

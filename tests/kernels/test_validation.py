@@ -12,7 +12,7 @@ import traceback
 
 import pytest
 import torch
-from kernels.reference import group_advantages_ref, grpo_loss_ref
+from grpo.kernels.reference import group_advantages_ref, grpo_loss_ref
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from grpo import kernels
