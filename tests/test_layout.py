@@ -5,6 +5,7 @@ Hugging Face's `kernels`, which transformers >= 5.25 imports as soon as a model 
 import ast
 import fnmatch
 import importlib.metadata
+import os
 import subprocess
 import sys
 import textwrap
@@ -166,3 +167,27 @@ def test_transformers_builds_a_model_beside_hugging_face_kernels(tmp_path):
         print("hf kernels", version)
     """)
     assert done.returncode == 0, done.stderr
+
+
+def _python_snippets() -> list[tuple[str, str]]:
+    """(file:line, code) of every ```python block of the README and docs/."""
+    out = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        lines, start = path.read_text().splitlines(), None
+        for i, line in enumerate(lines):
+            if start is None and line.strip() == "```python":
+                start = i + 1
+            elif start is not None and line.strip() == "```":
+                out.append((f"{path.relative_to(ROOT)}:{start}", "\n".join(lines[start:i])))
+                start = None
+    return out
+
+
+@pytest.mark.parametrize("where,code", _python_snippets(), ids=lambda v: v.split("\n")[0])
+def test_documented_snippets_run_as_written(where, code, tmp_path):
+    """Each snippet runs as a user would paste it: a new interpreter in an empty directory,
+    the kernels on their CPU reference path (no interpreter flag)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{where}:\n{done.stderr[-3000:]}"
