@@ -14,5 +14,14 @@ from .logprobs import token_logprobs
 from .loss_config import GRPOLossConfig
 from .moe import moe_experts
 
-__all__ = ["GRPOLossConfig", "check_values", "group_advantages", "grpo_loss", "linear_grpo_loss",
-           "moe_experts", "token_logprobs", "token_logprobs_from_hidden", "value_checks"]
+__all__ = [
+    "GRPOLossConfig",
+    "check_values",
+    "group_advantages",
+    "grpo_loss",
+    "linear_grpo_loss",
+    "moe_experts",
+    "token_logprobs",
+    "token_logprobs_from_hidden",
+    "value_checks",
+]

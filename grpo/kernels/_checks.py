@@ -119,8 +119,7 @@ def check_values(
     for (name, t), is_bad in zip(tensors.items(), bad, strict=True):
         if is_bad:
             where = tuple(int(i) for i in torch.nonzero(~torch.isfinite(t))[0])
-            raise ValueError(f"{name} contains NaN or inf: {name}{list(where)} = "
-                             f"{t[where].item()}")
+            raise ValueError(f"{name} contains NaN or inf: {name}{list(where)} = {t[where].item()}")
 
 
 def check_loss_inputs(
@@ -151,30 +150,42 @@ def check_loss_inputs(
     check_bt(sampler_logp, "sampler_logp", like)
     check_bt(importance_sampling_ratio, "importance_sampling_ratio", like)
     batch, seq_len = like.shape[0], like.shape[1]
-    if not isinstance(advantages, torch.Tensor) or \
-            tuple(advantages.shape) not in ((batch,), (batch, seq_len)):
+    if not isinstance(advantages, torch.Tensor) or tuple(advantages.shape) not in (
+        (batch,),
+        (batch, seq_len),
+    ):
         shape = tuple(advantages.shape) if isinstance(advantages, torch.Tensor) else advantages
-        raise ValueError(f"advantages must have shape (B,) = ({batch},) or (B, T) = "
-                         f"({batch}, {seq_len}), got {shape}")
+        raise ValueError(
+            f"advantages must have shape (B,) = ({batch},) or (B, T) = "
+            f"({batch}, {seq_len}), got {shape}"
+        )
     if advantages.device != like.device:
-        raise ValueError(f"advantages are on {advantages.device} but the inputs on "
-                         f"{like.device}")
+        raise ValueError(f"advantages are on {advantages.device} but the inputs on {like.device}")
     if cfg.beta > 0 and ref_logp is None:
         raise ValueError(f"beta={cfg.beta} > 0 needs ref_logp (the reference model's log-probs)")
     values = checking(validate)
     # A tensor's value is a host sync: checked with the other values.
-    if num_items is not None and (values or not isinstance(num_items, torch.Tensor)) \
-            and not float(num_items) > 0:
+    if (
+        num_items is not None
+        and (values or not isinstance(num_items, torch.Tensor))
+        and not float(num_items) > 0
+    ):
         raise ValueError(f"num_items must be > 0, got {float(num_items)}")
     if num_sequences is not None and not float(num_sequences) > 0:
         raise ValueError(f"num_sequences must be > 0, got {float(num_sequences)}")
     if int(accumulation_steps) != accumulation_steps or accumulation_steps < 1:
         raise ValueError(f"accumulation_steps must be an integer >= 1, got {accumulation_steps}")
     if values:
-        check_values(ids, vocab, {
-            "advantages": advantages, "old_logp": old_logp,
-            "ref_logp": ref_logp if cfg.beta > 0 else None,
-            "importance_sampling_ratio": importance_sampling_ratio})
+        check_values(
+            ids,
+            vocab,
+            {
+                "advantages": advantages,
+                "old_logp": old_logp,
+                "ref_logp": ref_logp if cfg.beta > 0 else None,
+                "importance_sampling_ratio": importance_sampling_ratio,
+            },
+        )
 
 
 def token_advantages(advantages: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:

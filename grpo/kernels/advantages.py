@@ -25,10 +25,24 @@ SCALE_MODES = {"group": 0, "batch": 1, "none": 2}
 
 
 @triton.jit
-def _group_advantages_kernel(rew_ptr, wts_ptr, batch_std_ptr, adv_ptr, mean_ptr, std_ptr,
-                             count_ptr, G, R, stride_n, stride_r, eps,
-                             HAS_WEIGHTS: tl.constexpr, SCALE: tl.constexpr,
-                             BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr):
+def _group_advantages_kernel(
+    rew_ptr,
+    wts_ptr,
+    batch_std_ptr,
+    adv_ptr,
+    mean_ptr,
+    std_ptr,
+    count_ptr,
+    G,
+    R,
+    stride_n,
+    stride_r,
+    eps,
+    HAS_WEIGHTS: tl.constexpr,
+    SCALE: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     group = tl.program_id(0).to(tl.int64)
     g_offs = tl.arange(0, BLOCK_G)
     r_offs = tl.arange(0, BLOCK_R)
@@ -37,8 +51,9 @@ def _group_advantages_kernel(rew_ptr, wts_ptr, batch_std_ptr, adv_ptr, mean_ptr,
     ptrs = rew_ptr + rows[:, None] * stride_n + r_offs[None, :] * stride_r
     # Padding lanes load NaN, so that padded rows come out unscorable and padded columns
     # drop out of the nansum like a reward function that does not apply.
-    x = tl.load(ptrs, mask=valid[:, None] & (r_offs[None, :] < R),
-                other=float("nan")).to(tl.float32)
+    x = tl.load(ptrs, mask=valid[:, None] & (r_offs[None, :] < R), other=float("nan")).to(
+        tl.float32
+    )
     ok = tl.sum((x == x).to(tl.int32), 1) > 0  # scorable: some reward function applies
     if HAS_WEIGHTS:
         x = x * tl.load(wts_ptr + r_offs, mask=r_offs < R, other=0.0)[None, :]
@@ -111,13 +126,25 @@ def group_advantages(
     # scorable rewards only (TRL's nanstd of rewards with the unscorable ones NaN).
     if scale == "batch":
         batch_std = reference.nanstd(
-            reference.combine_rewards(r2d, weights, unscorable_nan=True)).reshape(1)
+            reference.combine_rewards(r2d, weights, unscorable_nan=True)
+        ).reshape(1)
     else:
         batch_std = group_std
     _group_advantages_kernel[(n_groups,)](
-        r2d, weights if weights is not None else group_std, batch_std, adv, group_mean,
-        group_std, group_count, group_size, r2d.shape[1], r2d.stride(0), r2d.stride(1),
-        float(eps), HAS_WEIGHTS=weights is not None, SCALE=SCALE_MODES[scale],
+        r2d,
+        weights if weights is not None else group_std,
+        batch_std,
+        adv,
+        group_mean,
+        group_std,
+        group_count,
+        group_size,
+        r2d.shape[1],
+        r2d.stride(0),
+        r2d.stride(1),
+        float(eps),
+        HAS_WEIGHTS=weights is not None,
+        SCALE=SCALE_MODES[scale],
         **launch_config(group_size, r2d.shape[1]),
     )
     zero_std = group_std <= 1e-8  # NaN (< 2 scorable) is not zero

@@ -70,14 +70,44 @@ def _max_nan(a, b):
 
 
 @triton.jit(do_not_specialize=["seq_len"])
-def _grpo_token_kernel(logits_ptr, grad_ptr, ids_ptr, adv_ptr, w_ptr, old_ptr, ref_ptr, isr_ptr,
-                       loss_ptr, logp_ptr, kl_ptr, ent_ptr, clip_ptr,
-                       seq_len, V, stride_b, stride_t, stride_gb, stride_gt,
-                       scale, inv_temp, beta, eps_low, eps_high, delta, ent_scale_ptr,
-                       tau_pos, tau_neg,
-                       HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_ISR: tl.constexpr,
-                       USE_DELTA: tl.constexpr, POLICY: tl.constexpr, BIAS_KL: tl.constexpr,
-                       ENTROPY_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+def _grpo_token_kernel(
+    logits_ptr,
+    grad_ptr,
+    ids_ptr,
+    adv_ptr,
+    w_ptr,
+    old_ptr,
+    ref_ptr,
+    isr_ptr,
+    loss_ptr,
+    logp_ptr,
+    kl_ptr,
+    ent_ptr,
+    clip_ptr,
+    seq_len,
+    V,
+    stride_b,
+    stride_t,
+    stride_gb,
+    stride_gt,
+    scale,
+    inv_temp,
+    beta,
+    eps_low,
+    eps_high,
+    delta,
+    ent_scale_ptr,
+    tau_pos,
+    tau_neg,
+    HAS_OLD: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    HAS_ISR: tl.constexpr,
+    USE_DELTA: tl.constexpr,
+    POLICY: tl.constexpr,
+    BIAS_KL: tl.constexpr,
+    ENTROPY_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     b = row // seq_len
     t = row % seq_len
@@ -154,8 +184,21 @@ def _grpo_token_kernel(logits_ptr, grad_ptr, ids_ptr, adv_ptr, w_ptr, old_ptr, r
             h = -tl.load(ent_scale_ptr)
         else:
             h = 0.0
-        _logp_entropy_grad_sweep(row_ptr, grad_row_ptr, idx, V, lse2, ent, w * dlogp, h,
-                                 scale, inv_temp, BLOCK_V, ENTROPY_GRAD, "evict_first")
+        _logp_entropy_grad_sweep(
+            row_ptr,
+            grad_row_ptr,
+            idx,
+            V,
+            lse2,
+            ent,
+            w * dlogp,
+            h,
+            scale,
+            inv_temp,
+            BLOCK_V,
+            ENTROPY_GRAD,
+            "evict_first",
+        )
     else:
         tl.store(loss_ptr + row, 0.0)
         tl.store(logp_ptr + row, 0.0)
@@ -166,8 +209,17 @@ def _grpo_token_kernel(logits_ptr, grad_ptr, ids_ptr, adv_ptr, w_ptr, old_ptr, r
 
 
 @triton.jit(do_not_specialize=["n_rows", "seq_len"])
-def _scale_rows_kernel(x_ptr, factor_ptr, n_rows, seq_len, C, stride_b, stride_t,
-                       ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+def _scale_rows_kernel(
+    x_ptr,
+    factor_ptr,
+    n_rows,
+    seq_len,
+    C,
+    stride_b,
+    stride_t,
+    ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """x[row] *= factor for ROWS rows of a (B, T, C) tensor per program, the product rounded
     to x's dtype as torch's mul_ does. Every program reads the factor and returns at once
     when it is 1 (autograd's seed of loss.backward()): the host never has to look at it."""
@@ -182,8 +234,9 @@ def _scale_rows_kernel(x_ptr, factor_ptr, n_rows, seq_len, C, stride_b, stride_t
                 for start in range(0, C, BLOCK_C):
                     cols = start + offs
                     x = tl.load(row_ptr + cols, mask=cols < C)
-                    tl.store(row_ptr + cols, _round_to(x.to(tl.float32) * factor, dtype),
-                             mask=cols < C)
+                    tl.store(
+                        row_ptr + cols, _round_to(x.to(tl.float32) * factor, dtype), mask=cols < C
+                    )
 
 
 def _flat(t: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
@@ -214,22 +267,51 @@ def _token_level_fused(
     w = weights.reshape(-1).contiguous()  # (N,)
     block, warps = row_config(vocab, dev)
     _grpo_token_kernel[(n_rows,)](
-        logits, grad, ids.reshape(-1).long().contiguous(),
-        token_advantages(advantages, batch, seq_len), w,
-        _flat(old_logp, w), _flat(ref_logp, w), _flat(isr, w), per_token, logp, kl, ent, clip,
-        seq_len, vocab, logits.stride(0), logits.stride(1), grad.stride(0), grad.stride(1),
-        LOG2E / cfg.temperature, 1.0 / cfg.temperature, float(cfg.beta), float(cfg.eps_low),
-        float(cfg.eps_high), float(cfg.delta) if cfg.delta is not None else 0.0,
-        w if ent_scale is None else ent_scale.reshape(1), float(cfg.sapo_temperature_pos),
+        logits,
+        grad,
+        ids.reshape(-1).long().contiguous(),
+        token_advantages(advantages, batch, seq_len),
+        w,
+        _flat(old_logp, w),
+        _flat(ref_logp, w),
+        _flat(isr, w),
+        per_token,
+        logp,
+        kl,
+        ent,
+        clip,
+        seq_len,
+        vocab,
+        logits.stride(0),
+        logits.stride(1),
+        grad.stride(0),
+        grad.stride(1),
+        LOG2E / cfg.temperature,
+        1.0 / cfg.temperature,
+        float(cfg.beta),
+        float(cfg.eps_low),
+        float(cfg.eps_high),
+        float(cfg.delta) if cfg.delta is not None else 0.0,
+        w if ent_scale is None else ent_scale.reshape(1),
+        float(cfg.sapo_temperature_pos),
         float(cfg.sapo_temperature_neg),
-        HAS_OLD=old_logp is not None, HAS_REF=ref_logp is not None, HAS_ISR=isr is not None,
-        USE_DELTA=cfg.delta is not None, POLICY=_POLICY_KINDS.get(cfg.loss_type, 0),
-        BIAS_KL=cfg.use_bias_correction_kl, ENTROPY_GRAD=ent_scale is not None, BLOCK_V=block,
+        HAS_OLD=old_logp is not None,
+        HAS_REF=ref_logp is not None,
+        HAS_ISR=isr is not None,
+        USE_DELTA=cfg.delta is not None,
+        POLICY=_POLICY_KINDS.get(cfg.loss_type, 0),
+        BIAS_KL=cfg.use_bias_correction_kl,
+        ENTROPY_GRAD=ent_scale is not None,
+        BLOCK_V=block,
         num_warps=warps,
     )
     shape = (batch, seq_len)
-    terms = {"kl": kl.view(shape), "clip_low": (clip & 1).bool().view(shape),
-             "clip_high": (clip & 2).bool().view(shape), "phi": None}
+    terms = {
+        "kl": kl.view(shape),
+        "clip_low": (clip & 1).bool().view(shape),
+        "clip_high": (clip & 2).bool().view(shape),
+        "phi": None,
+    }
     return per_token.view(shape), logp.view(shape), ent.view(shape), terms
 
 
@@ -252,7 +334,13 @@ def scale_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     if n_rows == 0 or width == 0:
         return x
     _scale_rows_kernel[(triton.cdiv(n_rows, SCALE_ROWS),)](
-        x3, factor.reshape(1), n_rows, seq_len, width, x3.stride(0), x3.stride(1),
+        x3,
+        factor.reshape(1),
+        n_rows,
+        seq_len,
+        width,
+        x3.stride(0),
+        x3.stride(1),
         **scale_config(width, x.device),
     )
     return x
@@ -328,49 +416,95 @@ def grpo_loss(
     cfg = resolve(config, options)
     if aux_loss is not None:  # the router's loss joins after the kernels' part
         loss, stats = grpo_loss(
-            logits, ids, advantages, mask, old_logp, ref_logp, config=cfg,
-            sampler_logp=sampler_logp, importance_sampling_ratio=importance_sampling_ratio,
-            num_items=num_items, num_sequences=num_sequences,
-            accumulation_steps=accumulation_steps, inplace=inplace, validate=validate)
+            logits,
+            ids,
+            advantages,
+            mask,
+            old_logp,
+            ref_logp,
+            config=cfg,
+            sampler_logp=sampler_logp,
+            importance_sampling_ratio=importance_sampling_ratio,
+            num_items=num_items,
+            num_sequences=num_sequences,
+            accumulation_steps=accumulation_steps,
+            inplace=inplace,
+            validate=validate,
+        )
         return reference.add_aux_loss(loss, stats, aux_loss, cfg, accumulation_steps)
     check_logits_ids(logits, ids)
-    counts = dict(num_items=num_items, num_sequences=num_sequences,
-                  accumulation_steps=accumulation_steps)
-    check_loss_inputs(logits, ids, logits.shape[-1], advantages, mask, old_logp, ref_logp, cfg,
-                      sampler_logp=sampler_logp,
-                      importance_sampling_ratio=importance_sampling_ratio, validate=validate,
-                      **counts)
+    counts = dict(
+        num_items=num_items, num_sequences=num_sequences, accumulation_steps=accumulation_steps
+    )
+    check_loss_inputs(
+        logits,
+        ids,
+        logits.shape[-1],
+        advantages,
+        mask,
+        old_logp,
+        ref_logp,
+        cfg,
+        sampler_logp=sampler_logp,
+        importance_sampling_ratio=importance_sampling_ratio,
+        validate=validate,
+        **counts,
+    )
     ref_logp = ref_logp if cfg.beta > 0 else None
     tensors = dict(sampler_logp=sampler_logp, importance_sampling_ratio=importance_sampling_ratio)
     if not use_triton(logits):
-        return reference.grpo_loss_ref(logits, ids, advantages, mask, old_logp, ref_logp,
-                                       config=cfg, **tensors, **counts)
+        return reference.grpo_loss_ref(
+            logits, ids, advantages, mask, old_logp, ref_logp, config=cfg, **tensors, **counts
+        )
 
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
     grad = None
     with torch.no_grad():
         if needs_grad:
             # detach(): the same storage, but a tensor autograd may take over as .grad.
-            grad = logits.detach() if inplace else torch.empty(logits.shape, dtype=logits.dtype,
-                                                      device=logits.device)
+            grad = (
+                logits.detach()
+                if inplace
+                else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+            )
         if needs_grad and cfg.one_pass:
             weights = reference.aggregation_weights(
-                mask, cfg.loss_type, max_completion_length=cfg.max_completion_length, **counts)
+                mask, cfg.loss_type, max_completion_length=cfg.max_completion_length, **counts
+            )
             ent_scale = entropy_scale(cfg, mask, accumulation_steps)
             per_token, logp, ent, terms = _token_level_fused(
-                logits.detach(), ids, advantages, weights, old_logp, ref_logp,
-                importance_sampling_ratio, grad, cfg, ent_scale)
+                logits.detach(),
+                ids,
+                advantages,
+                weights,
+                old_logp,
+                ref_logp,
+                importance_sampling_ratio,
+                grad,
+                cfg,
+                ent_scale,
+            )
             loss = (per_token * weights).sum()
             if ent_scale is not None:
                 loss = loss - ent_scale * (ent * mask.float()).sum()
         else:
             logp, lse2, ent = logprobs_forward(logits.detach(), ids, cfg.temperature, True)
             loss, terms, grad_logp, grad_ent = objective_from_logp(
-                logp, ent, advantages, mask, old_logp, ref_logp, needs_grad, cfg, **tensors,
-                **counts)
+                logp,
+                ent,
+                advantages,
+                mask,
+                old_logp,
+                ref_logp,
+                needs_grad,
+                cfg,
+                **tensors,
+                **counts,
+            )
             if needs_grad:
-                logprobs_backward(logits.detach(), ids, lse2, ent, grad_logp, grad_ent,
-                                  cfg.temperature, grad)
+                logprobs_backward(
+                    logits.detach(), ids, lse2, ent, grad_logp, grad_ent, cfg.temperature, grad
+                )
         stats = reference.grpo_stats(cfg, terms, logp, ent, mask)
     if not needs_grad:
         return loss, stats
@@ -393,16 +527,17 @@ def objective_from_logp(
     """reference.grpo_objective on (B, T) log-probs and entropies; with needs_grad also
     d loss / d logp and d loss / d entropy (None when the loss does not depend on it)."""
     if not needs_grad:
-        loss, terms = reference.grpo_objective(logp, ent, advantages, mask, old_logp, ref_logp,
-                                               config=cfg, **rest)
+        loss, terms = reference.grpo_objective(
+            logp, ent, advantages, mask, old_logp, ref_logp, config=cfg, **rest
+        )
         return loss, terms, None, None
     with torch.enable_grad():
         logp_leaf = logp.detach().requires_grad_()
         ent_leaf = ent.detach().requires_grad_()
-        loss, terms = reference.grpo_objective(logp_leaf, ent_leaf, advantages, mask, old_logp,
-                                               ref_logp, config=cfg, **rest)
-        grad_logp, grad_ent = torch.autograd.grad(loss, (logp_leaf, ent_leaf),
-                                                  allow_unused=True)
+        loss, terms = reference.grpo_objective(
+            logp_leaf, ent_leaf, advantages, mask, old_logp, ref_logp, config=cfg, **rest
+        )
+        grad_logp, grad_ent = torch.autograd.grad(loss, (logp_leaf, ent_leaf), allow_unused=True)
     if grad_logp is None:
         grad_logp = torch.zeros_like(logp)
     return loss.detach(), terms, grad_logp, grad_ent

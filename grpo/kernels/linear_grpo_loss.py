@@ -51,14 +51,20 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, logits_fp32: bool) -> torch.T
 
 def _check(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> None:
     check_logits_ids(hidden, ids, name="hidden")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or \
-            weight.shape[1] != hidden.shape[-1]:
+    if (
+        not isinstance(weight, torch.Tensor)
+        or weight.dim() != 2
+        or weight.shape[1] != hidden.shape[-1]
+    ):
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight)
-        raise ValueError(f"weight must be the lm_head (V, H) with H = {hidden.shape[-1]}, "
-                         f"got {shape}")
+        raise ValueError(
+            f"weight must be the lm_head (V, H) with H = {hidden.shape[-1]}, got {shape}"
+        )
     if weight.device != hidden.device or weight.dtype != hidden.dtype:
-        raise ValueError(f"weight ({weight.dtype}, {weight.device}) must match hidden "
-                         f"({hidden.dtype}, {hidden.device})")
+        raise ValueError(
+            f"weight ({weight.dtype}, {weight.device}) must match hidden "
+            f"({hidden.dtype}, {hidden.device})"
+        )
 
 
 def token_logprobs_from_hidden(
@@ -85,13 +91,14 @@ def token_logprobs_from_hidden(
     parts = []
     with torch.no_grad():
         for r0 in range(0, flat_h.shape[0], step):
-            logits = _logits(flat_h[r0:r0 + step], weight, logits_fp32)[:, None]  # (c, 1, V)
-            c_ids = flat_ids[r0:r0 + step, None]
+            logits = _logits(flat_h[r0 : r0 + step], weight, logits_fp32)[:, None]  # (c, 1, V)
+            c_ids = flat_ids[r0 : r0 + step, None]
             if use_triton(hidden):
                 logp, _, ent = logprobs_forward(logits, c_ids, temperature, return_entropy)
             else:
-                out = reference.token_logprobs_ref(logits, c_ids, temperature=temperature,
-                                                   return_entropy=return_entropy)
+                out = reference.token_logprobs_ref(
+                    logits, c_ids, temperature=temperature, return_entropy=return_entropy
+                )
                 logp, ent = out if return_entropy else (out, None)
             parts.append((logp, ent))
     logp = torch.cat([p[0] for p in parts]).view(batch, seq_len)
@@ -111,8 +118,10 @@ class _LossWithGrads(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         if ctx.grads is None:
-            raise RuntimeError("linear_grpo_loss's backward ran twice: its gradients are "
-                               "computed once, in the forward pass")
+            raise RuntimeError(
+                "linear_grpo_loss's backward ran twice: its gradients are "
+                "computed once, in the forward pass"
+            )
         d_hidden, d_weight = ctx.grads
         ctx.grads = None
         # In place, and only when grad_output is not 1, decided on the device: no host sync.
@@ -152,25 +161,49 @@ def linear_grpo_loss(
     cfg = resolve(config, options)
     if aux_loss is not None:  # the router's loss joins after the kernels' part
         loss, stats = linear_grpo_loss(
-            hidden, weight, ids, advantages, mask, old_logp, ref_logp, config=cfg,
-            sampler_logp=sampler_logp, importance_sampling_ratio=importance_sampling_ratio,
-            num_items=num_items, num_sequences=num_sequences,
-            accumulation_steps=accumulation_steps, chunk_size=chunk_size,
-            logits_fp32=logits_fp32, validate=validate)
+            hidden,
+            weight,
+            ids,
+            advantages,
+            mask,
+            old_logp,
+            ref_logp,
+            config=cfg,
+            sampler_logp=sampler_logp,
+            importance_sampling_ratio=importance_sampling_ratio,
+            num_items=num_items,
+            num_sequences=num_sequences,
+            accumulation_steps=accumulation_steps,
+            chunk_size=chunk_size,
+            logits_fp32=logits_fp32,
+            validate=validate,
+        )
         return reference.add_aux_loss(loss, stats, aux_loss, cfg, accumulation_steps)
     _check(hidden, weight, ids)
-    counts = dict(num_items=num_items, num_sequences=num_sequences,
-                  accumulation_steps=accumulation_steps)
-    check_loss_inputs(hidden, ids, weight.shape[0], advantages, mask, old_logp, ref_logp, cfg,
-                      sampler_logp=sampler_logp,
-                      importance_sampling_ratio=importance_sampling_ratio, validate=validate,
-                      **counts)
+    counts = dict(
+        num_items=num_items, num_sequences=num_sequences, accumulation_steps=accumulation_steps
+    )
+    check_loss_inputs(
+        hidden,
+        ids,
+        weight.shape[0],
+        advantages,
+        mask,
+        old_logp,
+        ref_logp,
+        cfg,
+        sampler_logp=sampler_logp,
+        importance_sampling_ratio=importance_sampling_ratio,
+        validate=validate,
+        **counts,
+    )
     ref_logp = ref_logp if cfg.beta > 0 else None
     tensors = dict(sampler_logp=sampler_logp, importance_sampling_ratio=importance_sampling_ratio)
     if not use_triton(hidden):
         logits = _logits(hidden, weight, logits_fp32)
-        return reference.grpo_loss_ref(logits, ids, advantages, mask, old_logp, ref_logp,
-                                       config=cfg, **tensors, **counts)
+        return reference.grpo_loss_ref(
+            logits, ids, advantages, mask, old_logp, ref_logp, config=cfg, **tensors, **counts
+        )
 
     batch, seq_len, width = hidden.shape
     n_rows = batch * seq_len
@@ -181,8 +214,9 @@ def linear_grpo_loss(
     need_h = grad_on and hidden.requires_grad
     need_w = grad_on and weight.requires_grad
     d_hidden = torch.empty_like(flat_h) if need_h else None
-    d_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) \
-        if need_w else None
+    d_weight = (
+        torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
+    )
     chunks = [slice(r0, min(r0 + step, n_rows)) for r0 in range(0, n_rows, step)]
 
     def backprop(rows: slice, grad: torch.Tensor) -> None:
@@ -200,42 +234,77 @@ def linear_grpo_loss(
     with torch.no_grad():
         if (need_h or need_w) and cfg.one_pass:
             weights = reference.aggregation_weights(
-                mask, cfg.loss_type, max_completion_length=cfg.max_completion_length, **counts)
+                mask, cfg.loss_type, max_completion_length=cfg.max_completion_length, **counts
+            )
             ent_scale = entropy_scale(cfg, mask, accumulation_steps)
             isr = flat(importance_sampling_ratio)
             outs = []
             for rows in chunks:
                 logits = _logits(flat_h[rows], w_det, logits_fp32)[:, None]  # (c, 1, V)
-                outs.append(_token_level_fused(
-                    logits, flat_ids[rows], adv_tok[rows], weights.reshape(n_rows, 1)[rows],
-                    None if old_logp is None else flat(old_logp)[rows],
-                    None if ref_logp is None else flat(ref_logp)[rows],
-                    None if isr is None else isr[rows], logits, cfg, ent_scale))
+                outs.append(
+                    _token_level_fused(
+                        logits,
+                        flat_ids[rows],
+                        adv_tok[rows],
+                        weights.reshape(n_rows, 1)[rows],
+                        None if old_logp is None else flat(old_logp)[rows],
+                        None if ref_logp is None else flat(ref_logp)[rows],
+                        None if isr is None else isr[rows],
+                        logits,
+                        cfg,
+                        ent_scale,
+                    )
+                )
                 backprop(rows, logits[:, 0])
             per_token = torch.cat([o[0] for o in outs]).view(batch, seq_len)
             logp = torch.cat([o[1] for o in outs]).view(batch, seq_len)
             ent = torch.cat([o[2] for o in outs]).view(batch, seq_len)
-            terms = {k: torch.cat([o[3][k] for o in outs]).view(batch, seq_len)
-                     for k in ("kl", "clip_low", "clip_high")}
+            terms = {
+                k: torch.cat([o[3][k] for o in outs]).view(batch, seq_len)
+                for k in ("kl", "clip_low", "clip_high")
+            }
             terms["phi"] = None
             loss = (per_token * weights).sum()
             if ent_scale is not None:
                 loss = loss - ent_scale * (ent * mask.float()).sum()
         else:
-            firsts = [logprobs_forward(_logits(flat_h[rows], w_det, logits_fp32)[:, None],
-                                       flat_ids[rows], cfg.temperature, True) for rows in chunks]
+            firsts = [
+                logprobs_forward(
+                    _logits(flat_h[rows], w_det, logits_fp32)[:, None],
+                    flat_ids[rows],
+                    cfg.temperature,
+                    True,
+                )
+                for rows in chunks
+            ]
             logp = torch.cat([f[0] for f in firsts]).view(batch, seq_len)
             lse2 = torch.cat([f[1] for f in firsts]).view(n_rows, 1)
             ent = torch.cat([f[2] for f in firsts]).view(batch, seq_len)
             loss, terms, g, h = objective_from_logp(
-                logp, ent, advantages, mask, old_logp, ref_logp, need_h or need_w, cfg,
-                **tensors, **counts)
+                logp,
+                ent,
+                advantages,
+                mask,
+                old_logp,
+                ref_logp,
+                need_h or need_w,
+                cfg,
+                **tensors,
+                **counts,
+            )
             if need_h or need_w:
                 for rows in chunks:  # second sweep: the logits again, then their gradient
                     logits = _logits(flat_h[rows], w_det, logits_fp32)[:, None]
-                    logprobs_backward(logits, flat_ids[rows], lse2[rows], flat(ent)[rows],
-                                      flat(g)[rows], None if h is None else flat(h)[rows],
-                                      cfg.temperature, logits)
+                    logprobs_backward(
+                        logits,
+                        flat_ids[rows],
+                        lse2[rows],
+                        flat(ent)[rows],
+                        flat(g)[rows],
+                        None if h is None else flat(h)[rows],
+                        cfg.temperature,
+                        logits,
+                    )
                     backprop(rows, logits[:, 0])
         stats = reference.grpo_stats(cfg, terms, logp, ent, mask)
     if not (need_h or need_w):

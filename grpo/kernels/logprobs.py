@@ -36,8 +36,9 @@ LN2 = math.log(2.0)
 
 
 @triton.jit
-def _lse_sweep(row_ptr, V, scale, BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr,
-               EVICT: tl.constexpr):
+def _lse_sweep(
+    row_ptr, V, scale, BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr, EVICT: tl.constexpr
+):
     """Online logsumexp over one row. With y = x * scale (scale = log2(e) / temperature):
     returns m = max y, s = sum 2^(y - m) and t = sum 2^(y - m) * y (0 without entropy)."""
     offs = tl.arange(0, BLOCK_V)
@@ -74,9 +75,21 @@ def _round_to(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _logp_entropy_grad_sweep(row_ptr, grad_row_ptr, idx, V, lse2, ent, g, h, scale, inv_temp,
-                             BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr,
-                             EVICT: tl.constexpr):
+def _logp_entropy_grad_sweep(
+    row_ptr,
+    grad_row_ptr,
+    idx,
+    V,
+    lse2,
+    ent,
+    g,
+    h,
+    scale,
+    inv_temp,
+    BLOCK_V: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    EVICT: tl.constexpr,
+):
     """Write d L / d logits of one row given g = dL/dlogp and h = dL/dH (natural units):
     inv_temp * (g [j == id] - p_j (g + h (log p_j + H))). lse2 is logsumexp in base 2."""
     offs = tl.arange(0, BLOCK_V)
@@ -93,8 +106,9 @@ def _logp_entropy_grad_sweep(row_ptr, grad_row_ptr, idx, V, lse2, ent, g, h, sca
         if WITH_ENTROPY:
             # p log p -> 0 where p == 0 (logits at -inf): select before multiplying.
             d -= h * p * tl.where(p > 0, y2 * 0.6931471805599453 + ent, 0.0)
-        tl.store(grad_row_ptr + cols, _round_to(d * inv_temp, grad_row_ptr.dtype.element_ty),
-                 mask=valid)
+        tl.store(
+            grad_row_ptr + cols, _round_to(d * inv_temp, grad_row_ptr.dtype.element_ty), mask=valid
+        )
 
 
 @triton.jit
@@ -107,9 +121,20 @@ def _zero_row(grad_row_ptr, V, BLOCK_V: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["seq_len"])
-def _logprobs_kernel(logits_ptr, ids_ptr, logp_ptr, lse2_ptr, ent_ptr,
-                     seq_len, V, stride_b, stride_t, scale,
-                     WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+def _logprobs_kernel(
+    logits_ptr,
+    ids_ptr,
+    logp_ptr,
+    lse2_ptr,
+    ent_ptr,
+    seq_len,
+    V,
+    stride_b,
+    stride_t,
+    scale,
+    WITH_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + (row // seq_len) * stride_b + (row % seq_len) * stride_t
     m, s, t = _lse_sweep(row_ptr, V, scale, BLOCK_V, WITH_ENTROPY, "evict_first")
@@ -123,10 +148,25 @@ def _logprobs_kernel(logits_ptr, ids_ptr, logp_ptr, lse2_ptr, ent_ptr,
 
 
 @triton.jit(do_not_specialize=["seq_len"])
-def _logprobs_backward_kernel(logits_ptr, grad_ptr, ids_ptr, lse2_ptr, ent_ptr, g_ptr, h_ptr,
-                              seq_len, V, stride_b, stride_t, stride_gb, stride_gt,
-                              scale, inv_temp,
-                              WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+def _logprobs_backward_kernel(
+    logits_ptr,
+    grad_ptr,
+    ids_ptr,
+    lse2_ptr,
+    ent_ptr,
+    g_ptr,
+    h_ptr,
+    seq_len,
+    V,
+    stride_b,
+    stride_t,
+    stride_gb,
+    stride_gt,
+    scale,
+    inv_temp,
+    WITH_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     b = row // seq_len
     t = row % seq_len
@@ -142,8 +182,21 @@ def _logprobs_backward_kernel(logits_ptr, grad_ptr, ids_ptr, lse2_ptr, ent_ptr, 
     if active:
         idx = tl.load(ids_ptr + row)
         lse2 = tl.load(lse2_ptr + row)
-        _logp_entropy_grad_sweep(row_ptr, grad_row_ptr, idx, V, lse2, ent, g, h, scale,
-                                 inv_temp, BLOCK_V, WITH_ENTROPY, "evict_first")
+        _logp_entropy_grad_sweep(
+            row_ptr,
+            grad_row_ptr,
+            idx,
+            V,
+            lse2,
+            ent,
+            g,
+            h,
+            scale,
+            inv_temp,
+            BLOCK_V,
+            WITH_ENTROPY,
+            "evict_first",
+        )
     else:
         _zero_row(grad_row_ptr, V, BLOCK_V)  # masked token: skip the read
 
@@ -160,8 +213,19 @@ def logprobs_forward(
     ent = torch.empty_like(logp) if with_entropy else logp  # dummy pointer when unused
     block, warps = row_config(vocab, logits.device)
     _logprobs_kernel[(n_rows,)](
-        logits, ids_flat, logp, lse2, ent, seq_len, vocab, logits.stride(0), logits.stride(1),
-        LOG2E / temperature, WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=warps,
+        logits,
+        ids_flat,
+        logp,
+        lse2,
+        ent,
+        seq_len,
+        vocab,
+        logits.stride(0),
+        logits.stride(1),
+        LOG2E / temperature,
+        WITH_ENTROPY=with_entropy,
+        BLOCK_V=block,
+        num_warps=warps,
     )
     shape = (batch, seq_len)
     return logp.view(shape), lse2.view(shape), ent.view(shape) if with_entropy else None
@@ -186,10 +250,24 @@ def logprobs_backward(
     ent = entropy.reshape(-1).contiguous() if with_entropy else g
     block, warps = row_config(vocab, logits.device)
     _logprobs_backward_kernel[(batch * seq_len,)](
-        logits, out, ids.reshape(-1).long().contiguous(), lse2.reshape(-1).contiguous(), ent,
-        g, h, seq_len, vocab, logits.stride(0), logits.stride(1), out.stride(0), out.stride(1),
-        LOG2E / temperature, 1.0 / temperature,
-        WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=warps,
+        logits,
+        out,
+        ids.reshape(-1).long().contiguous(),
+        lse2.reshape(-1).contiguous(),
+        ent,
+        g,
+        h,
+        seq_len,
+        vocab,
+        logits.stride(0),
+        logits.stride(1),
+        out.stride(0),
+        out.stride(1),
+        LOG2E / temperature,
+        1.0 / temperature,
+        WITH_ENTROPY=with_entropy,
+        BLOCK_V=block,
+        num_warps=warps,
     )
     return out
 

@@ -92,10 +92,23 @@ def _tile_pairs(tile_row_ptr, end_ptr, order_ptr, tile, e, BLOCK_M: tl.constexpr
 
 
 @triton.jit
-def _gate_up_fwd_kernel(hidden_ptr, gate_up_ptr, order_ptr, tile_expert_ptr, tile_row_ptr,
-                        end_ptr, pre_ptr, act_ptr, H, INTER, TOPK,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):
+def _gate_up_fwd_kernel(
+    hidden_ptr,
+    gate_up_ptr,
+    order_ptr,
+    tile_expert_ptr,
+    tile_row_ptr,
+    end_ptr,
+    pre_ptr,
+    act_ptr,
+    H,
+    INTER,
+    TOPK,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     tile = tl.program_id(0)
     e = tl.load(tile_expert_ptr + tile)
     if e < 0:
@@ -114,8 +127,9 @@ def _gate_up_fwd_kernel(hidden_ptr, gate_up_ptr, order_ptr, tile_expert_ptr, til
     for k0 in range(0, H, BLOCK_K):
         kk = k0 + ks
         k_mask = kk < H
-        a = tl.load(a_rows[:, None] + kk[None, :], mask=row_mask[:, None] & k_mask[None, :],
-                    other=0.0)
+        a = tl.load(
+            a_rows[:, None] + kk[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0
+        )
         b_mask = k_mask[:, None] & col_mask[None, :]
         b_offs = b_cols[None, :] + kk[:, None]
         bg = tl.load(w_e + b_offs, mask=b_mask, other=0.0)
@@ -132,10 +146,26 @@ def _gate_up_fwd_kernel(hidden_ptr, gate_up_ptr, order_ptr, tile_expert_ptr, til
 
 
 @triton.jit
-def _rows_scatter_kernel(a_ptr, w_ptr, order_ptr, weights_ptr, tile_expert_ptr, tile_row_ptr,
-                         end_ptr, out_ptr, K, N, stride_we, stride_wk, stride_wn,
-                         SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _rows_scatter_kernel(
+    a_ptr,
+    w_ptr,
+    order_ptr,
+    weights_ptr,
+    tile_expert_ptr,
+    tile_row_ptr,
+    end_ptr,
+    out_ptr,
+    K,
+    N,
+    stride_we,
+    stride_wk,
+    stride_wn,
+    SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """out[order[r]] = (weights[order[r]] if SCALE else 1) * a[r] @ W[e] for the sorted rows r
     of one tile, W[e][kk, n] at w_ptr + e * stride_we + kk * stride_wk + n * stride_wn.
     a (P, K) sorted rows; out (P, N) fp32 in pair order."""
@@ -154,23 +184,44 @@ def _rows_scatter_kernel(a_ptr, w_ptr, order_ptr, weights_ptr, tile_expert_ptr, 
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + ks
         k_mask = kk < K
-        a = tl.load(a_rows[:, None] + kk[None, :], mask=row_mask[:, None] & k_mask[None, :],
-                    other=0.0)
-        b = tl.load(w_e + (b_cols[None, :] + (kk * stride_wk)[:, None]),
-                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        a = tl.load(
+            a_rows[:, None] + kk[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0
+        )
+        b = tl.load(
+            w_e + (b_cols[None, :] + (kk * stride_wk)[:, None]),
+            mask=k_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        )
         acc = _dot(a, b, acc, DOT_PRECISION)
     if SCALE:
         acc *= tl.load(weights_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)[:, None]
     out = _round_to(acc, out_ptr.dtype.element_ty)
-    tl.store(out_ptr + pair[:, None] * N + cols[None, :], out,
-             mask=row_mask[:, None] & col_mask[None, :])
+    tl.store(
+        out_ptr + pair[:, None] * N + cols[None, :], out, mask=row_mask[:, None] & col_mask[None, :]
+    )
 
 
 @triton.jit
-def _act_bwd_kernel(grad_ptr, down_ptr, pre_ptr, order_ptr, weights_ptr, tile_expert_ptr,
-                    tile_row_ptr, end_ptr, d_pre_ptr, dw_part_ptr, H, INTER, TOPK, N_BLOCKS,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+def _act_bwd_kernel(
+    grad_ptr,
+    down_ptr,
+    pre_ptr,
+    order_ptr,
+    weights_ptr,
+    tile_expert_ptr,
+    tile_row_ptr,
+    end_ptr,
+    d_pre_ptr,
+    dw_part_ptr,
+    H,
+    INTER,
+    TOPK,
+    N_BLOCKS,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """dA = grad[tok] @ down[e] (unweighted, (BLOCK_M, BLOCK_N) over I); writes the partial
     d_weight <dA, act> of this I-block and d_pre = [dA w u silu'(g) | dA w silu(g)]."""
     tile = tl.program_id(0)
@@ -188,10 +239,14 @@ def _act_bwd_kernel(grad_ptr, down_ptr, pre_ptr, order_ptr, weights_ptr, tile_ex
     for k0 in range(0, H, BLOCK_K):
         kk = k0 + ks
         k_mask = kk < H
-        a = tl.load(a_rows[:, None] + kk[None, :], mask=row_mask[:, None] & k_mask[None, :],
-                    other=0.0)
-        b = tl.load(w_e + (cols[None, :] + (kk * INTER)[:, None]),
-                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        a = tl.load(
+            a_rows[:, None] + kk[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0
+        )
+        b = tl.load(
+            w_e + (cols[None, :] + (kk * INTER)[:, None]),
+            mask=k_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        )
         acc = _dot(a, b, acc, DOT_PRECISION)
     mask = row_mask[:, None] & col_mask[None, :]
     offs = rows[:, None] * (2 * INTER) + cols[None, :]  # pre and d_pre share the (P, 2I) layout
@@ -203,14 +258,28 @@ def _act_bwd_kernel(grad_ptr, down_ptr, pre_ptr, order_ptr, weights_ptr, tile_ex
     d_act = acc * tl.load(weights_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)[:, None]
     dtype = d_pre_ptr.dtype.element_ty
     tl.store(d_pre_ptr + offs + INTER, _round_to(d_act * silu, dtype), mask=mask)
-    tl.store(d_pre_ptr + offs, _round_to(d_act * u * sig * (1.0 + g * (1.0 - sig)), dtype),
-             mask=mask)
+    tl.store(
+        d_pre_ptr + offs, _round_to(d_act * u * sig * (1.0 + g * (1.0 - sig)), dtype), mask=mask
+    )
 
 
 @triton.jit
-def _down_bwd_kernel(grad_ptr, pre_ptr, order_ptr, weights_ptr, start_ptr, end_ptr, d_down_ptr,
-                     H, INTER, TOPK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _down_bwd_kernel(
+    grad_ptr,
+    pre_ptr,
+    order_ptr,
+    weights_ptr,
+    start_ptr,
+    end_ptr,
+    d_down_ptr,
+    H,
+    INTER,
+    TOPK,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """d_down[e][h, i] = sum over expert e's rows r of w_r grad[tok_r, h] act_r[i]."""
     e = tl.program_id(0)
     hs = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -227,20 +296,39 @@ def _down_bwd_kernel(grad_ptr, pre_ptr, order_ptr, weights_ptr, start_ptr, end_p
         rows = rows.to(tl.int64)
         pair = tl.load(order_ptr + rows, mask=row_mask, other=0).to(tl.int64)
         w = tl.load(weights_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)
-        g = tl.load(grad_ptr + (pair // TOPK)[None, :] * H + hs[:, None],
-                    mask=h_mask[:, None] & row_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
+        g = tl.load(
+            grad_ptr + (pair // TOPK)[None, :] * H + hs[:, None],
+            mask=h_mask[:, None] & row_mask[None, :],
+            other=0.0,
+        )  # (BLOCK_M, BLOCK_K)
         a = _round_to(g.to(tl.float32) * w[None, :], dtype)
-        act = _load_act(pre_ptr, rows[:, None], cols[None, :],
-                        row_mask[:, None] & col_mask[None, :], INTER)
+        act = _load_act(
+            pre_ptr, rows[:, None], cols[None, :], row_mask[:, None] & col_mask[None, :], INTER
+        )
         acc = _dot(a, _round_to(act, dtype), acc, DOT_PRECISION)
-    tl.store(d_down_ptr + e.to(tl.int64) * H * INTER + hs[:, None] * INTER + cols[None, :],
-             _round_to(acc, dtype), mask=h_mask[:, None] & col_mask[None, :])
+    tl.store(
+        d_down_ptr + e.to(tl.int64) * H * INTER + hs[:, None] * INTER + cols[None, :],
+        _round_to(acc, dtype),
+        mask=h_mask[:, None] & col_mask[None, :],
+    )
 
 
 @triton.jit
-def _gate_up_bwd_kernel(d_pre_ptr, hidden_ptr, order_ptr, start_ptr, end_ptr, d_gate_up_ptr,
-                        H, INTER, TOPK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _gate_up_bwd_kernel(
+    d_pre_ptr,
+    hidden_ptr,
+    order_ptr,
+    start_ptr,
+    end_ptr,
+    d_gate_up_ptr,
+    H,
+    INTER,
+    TOPK,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """d_gate_up[e][j, h] = sum over expert e's rows r of d_pre[r, j] hidden[tok_r, h]."""
     e = tl.program_id(0)
     js = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -255,14 +343,22 @@ def _gate_up_bwd_kernel(d_pre_ptr, hidden_ptr, order_ptr, start_ptr, end_ptr, d_
         row_mask = rows < end
         rows = rows.to(tl.int64)
         tok = (tl.load(order_ptr + rows, mask=row_mask, other=0) // TOPK).to(tl.int64)
-        a = tl.load(d_pre_ptr + rows[None, :] * (2 * INTER) + js[:, None],
-                    mask=j_mask[:, None] & row_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
-        b = tl.load(hidden_ptr + tok[:, None] * H + hs[None, :],
-                    mask=row_mask[:, None] & h_mask[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
+        a = tl.load(
+            d_pre_ptr + rows[None, :] * (2 * INTER) + js[:, None],
+            mask=j_mask[:, None] & row_mask[None, :],
+            other=0.0,
+        )  # (BLOCK_M, BLOCK_K)
+        b = tl.load(
+            hidden_ptr + tok[:, None] * H + hs[None, :],
+            mask=row_mask[:, None] & h_mask[None, :],
+            other=0.0,
+        )  # (BLOCK_K, BLOCK_N)
         acc = _dot(a, b, acc, DOT_PRECISION)
-    tl.store(d_gate_up_ptr + e.to(tl.int64) * 2 * INTER * H + js[:, None] * H + hs[None, :],
-             _round_to(acc, d_gate_up_ptr.dtype.element_ty),
-             mask=j_mask[:, None] & h_mask[None, :])
+    tl.store(
+        d_gate_up_ptr + e.to(tl.int64) * 2 * INTER * H + js[:, None] * H + hs[None, :],
+        _round_to(acc, d_gate_up_ptr.dtype.element_ty),
+        mask=j_mask[:, None] & h_mask[None, :],
+    )
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -279,8 +375,7 @@ def launch_configs(device: torch.device, dtype: torch.dtype) -> dict[str, dict]:
     # fp32 inputs follow the fp32 reference exactly (no TF32); 16-bit inputs ignore this.
     prec = "ieee" if dtype == torch.float32 else "tf32"
     if device.type != "cuda":  # interpreter: the smallest tl.dot tiles, few wasted lanes
-        small = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4,
-                 "DOT_PRECISION": prec}
+        small = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "DOT_PRECISION": prec}
         return {name: dict(small) for name in (*ROW_TILED, "down_bwd", "gate_up_bwd")}
     # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages), 8 warps each, chosen with ptxas for sm_90 so that
     # no kernel spills, also for widths that are not multiples of 16 (no vectorised loads,
@@ -289,16 +384,32 @@ def launch_configs(device: torch.device, dtype: torch.dtype) -> dict[str, dict]:
     # one stage for down_bwd, where triton 3.6's ptxas otherwise fell to 32 registers and
     # spilled 9.6 KB.
     if dtype == torch.float32:
-        cfg = {"gate_up_fwd": (64, 64, 32, 3), "rows_scatter": (64, 64, 32, 3),
-               "act_bwd": (64, 64, 32, 3), "down_bwd": (128, 128, 32, 1),
-               "gate_up_bwd": (128, 128, 32, 3)}
+        cfg = {
+            "gate_up_fwd": (64, 64, 32, 3),
+            "rows_scatter": (64, 64, 32, 3),
+            "act_bwd": (64, 64, 32, 3),
+            "down_bwd": (128, 128, 32, 1),
+            "gate_up_bwd": (128, 128, 32, 3),
+        }
     else:
-        cfg = {"gate_up_fwd": (64, 64, 64, 3), "rows_scatter": (64, 128, 32, 3),
-               "act_bwd": (64, 64, 64, 3), "down_bwd": (128, 128, 32, 3),
-               "gate_up_bwd": (128, 128, 64, 3)}
-    return {name: {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "num_warps": 8,
-                   "num_stages": stages, "DOT_PRECISION": prec}
-            for name, (m, n, k, stages) in cfg.items()}
+        cfg = {
+            "gate_up_fwd": (64, 64, 64, 3),
+            "rows_scatter": (64, 128, 32, 3),
+            "act_bwd": (64, 64, 64, 3),
+            "down_bwd": (128, 128, 32, 3),
+            "gate_up_bwd": (128, 128, 64, 3),
+        }
+    return {
+        name: {
+            "BLOCK_M": m,
+            "BLOCK_N": n,
+            "BLOCK_K": k,
+            "num_warps": 8,
+            "num_stages": stages,
+            "DOT_PRECISION": prec,
+        }
+        for name, (m, n, k, stages) in cfg.items()
+    }
 
 
 def _route(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> dict[str, torch.Tensor]:
@@ -322,8 +433,11 @@ def _route(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> dict[str, 
     row = start[e] + (idx - (tile_end - tiles)[e]) * block_m
     i32 = torch.int32
     return {
-        "order": order.to(i32), "start": start.to(i32), "end": end.to(i32),
-        "tile_expert": torch.where(valid, e, -1).to(i32), "tile_row": row.to(i32),
+        "order": order.to(i32),
+        "start": start.to(i32),
+        "end": end.to(i32),
+        "tile_expert": torch.where(valid, e, -1).to(i32),
+        "tile_row": row.to(i32),
     }
 
 
@@ -331,8 +445,19 @@ def _launch_rows_scatter(a, w, route, weights, out, k_dim, n_dim, strides, scale
     c = cfg["rows_scatter"]
     grid = (route["tile_expert"].numel(), triton.cdiv(n_dim, c["BLOCK_N"]))
     _rows_scatter_kernel[grid](
-        a, w, route["order"], weights, route["tile_expert"], route["tile_row"], route["end"],
-        out, k_dim, n_dim, *strides, SCALE=scale, **c,
+        a,
+        w,
+        route["order"],
+        weights,
+        route["tile_expert"],
+        route["tile_row"],
+        route["end"],
+        out,
+        k_dim,
+        n_dim,
+        *strides,
+        SCALE=scale,
+        **c,
     )
 
 
@@ -350,14 +475,23 @@ def moe_forward(hidden, gate_up, down, topk_ids, weights):
     act = torch.empty(pairs, inter, device=hidden.device, dtype=hidden.dtype)
     c = cfg["gate_up_fwd"]
     _gate_up_fwd_kernel[(n_tiles, triton.cdiv(inter, c["BLOCK_N"]))](
-        hidden, gate_up, route["order"], route["tile_expert"], route["tile_row"], route["end"],
-        pre, act, h, inter, topk, **c,
+        hidden,
+        gate_up,
+        route["order"],
+        route["tile_expert"],
+        route["tile_row"],
+        route["end"],
+        pre,
+        act,
+        h,
+        inter,
+        topk,
+        **c,
     )
     # Per-pair rows in the input dtype (half the memory of fp32); the k-sum is done in fp32.
     y = torch.empty(n, topk, h, device=hidden.device, dtype=hidden.dtype)
     # down[e] is (H, I): B[kk over I, n over H] = down[e, n, kk].
-    _launch_rows_scatter(act, down, route, weights, y, inter, h, (h * inter, 1, inter), True,
-                         cfg)
+    _launch_rows_scatter(act, down, route, weights, y, inter, h, (h * inter, 1, inter), True, cfg)
     return y.sum(1, dtype=torch.float32).to(hidden.dtype), pre, route
 
 
@@ -379,8 +513,21 @@ def moe_backward(grad_out, hidden, gate_up, down, weights, pre, route, needs):
         d_pre = torch.empty(pairs, two_i, device=hidden.device, dtype=hidden.dtype)
         dw_part = torch.empty(pairs, n_blocks, device=hidden.device, dtype=torch.float32)
         _act_bwd_kernel[(route["tile_expert"].numel(), n_blocks)](
-            grad, down, pre, route["order"], weights, route["tile_expert"], route["tile_row"],
-            route["end"], d_pre, dw_part, h, inter, topk, n_blocks, **c,
+            grad,
+            down,
+            pre,
+            route["order"],
+            weights,
+            route["tile_expert"],
+            route["tile_row"],
+            route["end"],
+            d_pre,
+            dw_part,
+            h,
+            inter,
+            topk,
+            n_blocks,
+            **c,
         )
         if needs[3]:
             dw = torch.empty(pairs, device=hidden.device, dtype=torch.float32)
@@ -390,24 +537,42 @@ def moe_backward(grad_out, hidden, gate_up, down, weights, pre, route, needs):
             # fp32: rounding these rows to bf16 doubled d_hidden's error in tests.
             dh = torch.empty(n, topk, h, device=hidden.device, dtype=torch.float32)
             # gate_up[e] is (2I, H): B[kk over 2I, n over H] = gate_up[e, kk, n].
-            _launch_rows_scatter(d_pre, gate_up, route, weights, dh, two_i, h,
-                                 (two_i * h, h, 1), False, cfg)
+            _launch_rows_scatter(
+                d_pre, gate_up, route, weights, dh, two_i, h, (two_i * h, h, 1), False, cfg
+            )
             d_hidden = dh.sum(1, dtype=torch.float32).to(hidden.dtype)
         if needs[1]:
             c = cfg["gate_up_bwd"]
             d_gate_up = torch.empty_like(gate_up)
             grid = (num_experts, triton.cdiv(two_i, c["BLOCK_M"]), triton.cdiv(h, c["BLOCK_N"]))
             _gate_up_bwd_kernel[grid](
-                d_pre, hidden, route["order"], route["start"], route["end"], d_gate_up,
-                h, inter, topk, **c,
+                d_pre,
+                hidden,
+                route["order"],
+                route["start"],
+                route["end"],
+                d_gate_up,
+                h,
+                inter,
+                topk,
+                **c,
             )
     if needs[2]:
         c = cfg["down_bwd"]
         d_down = torch.empty_like(down)
         grid = (num_experts, triton.cdiv(h, c["BLOCK_M"]), triton.cdiv(inter, c["BLOCK_N"]))
         _down_bwd_kernel[grid](
-            grad, pre, route["order"], weights, route["start"], route["end"], d_down,
-            h, inter, topk, **c,
+            grad,
+            pre,
+            route["order"],
+            weights,
+            route["start"],
+            route["end"],
+            d_down,
+            h,
+            inter,
+            topk,
+            **c,
         )
     return d_hidden, d_gate_up, d_down, d_weights
 
@@ -442,36 +607,56 @@ class _MoEExperts(torch.autograd.Function):
 
 
 def _check_moe(hidden, gate_up, down, topk_ids, topk_weights, values: bool) -> None:
-    tensors = {"hidden": hidden, "gate_up": gate_up, "down": down, "topk_ids": topk_ids,
-               "topk_weights": topk_weights}
+    tensors = {
+        "hidden": hidden,
+        "gate_up": gate_up,
+        "down": down,
+        "topk_ids": topk_ids,
+        "topk_weights": topk_weights,
+    }
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(t)}")
     if hidden.dim() != 2 or hidden.numel() == 0:
         raise ValueError(f"hidden must be a non-empty (N, H) tensor, got {tuple(hidden.shape)}")
     n, h = hidden.shape
-    if gate_up.dim() != 3 or gate_up.shape[2] != h or gate_up.shape[1] % 2 or \
-            gate_up.shape[1] == 0 or gate_up.shape[0] == 0:
-        raise ValueError(f"gate_up must be (E, 2I, H) with H = {h} and I >= 1, "
-                         f"got {tuple(gate_up.shape)}")
+    if (
+        gate_up.dim() != 3
+        or gate_up.shape[2] != h
+        or gate_up.shape[1] % 2
+        or gate_up.shape[1] == 0
+        or gate_up.shape[0] == 0
+    ):
+        raise ValueError(
+            f"gate_up must be (E, 2I, H) with H = {h} and I >= 1, got {tuple(gate_up.shape)}"
+        )
     num_experts, inter = gate_up.shape[0], gate_up.shape[1] // 2
     if tuple(down.shape) != (num_experts, h, inter):
-        raise ValueError(f"down must be (E, H, I) = {(num_experts, h, inter)}, "
-                         f"got {tuple(down.shape)}")
+        raise ValueError(
+            f"down must be (E, H, I) = {(num_experts, h, inter)}, got {tuple(down.shape)}"
+        )
     if topk_ids.dim() != 2 or topk_ids.shape[0] != n or topk_ids.shape[1] < 1:
         raise ValueError(f"topk_ids must be (N, k) with N = {n}, got {tuple(topk_ids.shape)}")
     if tuple(topk_weights.shape) != tuple(topk_ids.shape):
-        raise ValueError(f"topk_weights must have topk_ids' shape {tuple(topk_ids.shape)}, "
-                         f"got {tuple(topk_weights.shape)}")
+        raise ValueError(
+            f"topk_weights must have topk_ids' shape {tuple(topk_ids.shape)}, "
+            f"got {tuple(topk_weights.shape)}"
+        )
     for name in ("hidden", "gate_up", "down", "topk_weights"):
         if tensors[name].dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{name} must be float32, float16 or bfloat16, "
-                             f"got {tensors[name].dtype}")
+            raise ValueError(
+                f"{name} must be float32, float16 or bfloat16, got {tensors[name].dtype}"
+            )
     if gate_up.dtype != hidden.dtype or down.dtype != hidden.dtype:
-        raise ValueError(f"gate_up ({gate_up.dtype}) and down ({down.dtype}) must have "
-                         f"hidden's dtype {hidden.dtype}")
-    if topk_ids.dtype.is_floating_point or topk_ids.dtype.is_complex or \
-            topk_ids.dtype == torch.bool:
+        raise ValueError(
+            f"gate_up ({gate_up.dtype}) and down ({down.dtype}) must have "
+            f"hidden's dtype {hidden.dtype}"
+        )
+    if (
+        topk_ids.dtype.is_floating_point
+        or topk_ids.dtype.is_complex
+        or topk_ids.dtype == torch.bool
+    ):
         raise ValueError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
     for name, t in tensors.items():
         if t.device != hidden.device:
@@ -479,8 +664,9 @@ def _check_moe(hidden, gate_up, down, topk_ids, topk_weights, values: bool) -> N
     # One host sync for the value check.
     if values and bool(((topk_ids < 0) | (topk_ids >= num_experts)).any()):
         lo, hi = int(topk_ids.min()), int(topk_ids.max())
-        raise ValueError(f"topk_ids must lie in [0, E) = [0, {num_experts}), "
-                         f"got values in [{lo}, {hi}]")
+        raise ValueError(
+            f"topk_ids must lie in [0, E) = [0, {num_experts}), got values in [{lo}, {hi}]"
+        )
 
 
 def moe_experts(
@@ -504,7 +690,14 @@ def moe_experts(
     if not use_triton(hidden):
         return reference.moe_experts_ref(hidden, gate_up, down, topk_ids, topk_weights)
     if gate_up[0].numel() >= 2**31:
-        raise ValueError(f"one expert's gate_up holds {gate_up[0].numel()} elements: the "
-                         f"kernels index inside an expert with 32-bit offsets (< 2^31)")
-    return _MoEExperts.apply(hidden.contiguous(), gate_up.contiguous(), down.contiguous(),
-                             topk_weights, topk_ids.contiguous())
+        raise ValueError(
+            f"one expert's gate_up holds {gate_up[0].numel()} elements: the "
+            f"kernels index inside an expert with 32-bit offsets (< 2^31)"
+        )
+    return _MoEExperts.apply(
+        hidden.contiguous(),
+        gate_up.contiguous(),
+        down.contiguous(),
+        topk_weights,
+        topk_ids.contiguous(),
+    )

@@ -30,10 +30,14 @@ __all__ = ["IMPORTANCE_LEVELS", "LOSS_TYPES", "GRPOLossConfig"]
 
 SCALES = ("group", "batch", "none")
 PPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # the clipped surrogate
-CLIP_STATS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
-              "clip_ratio/low_min", "clip_ratio/high_max")
-SAMPLER_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate",
-                       "sequence_mask")
+CLIP_STATS = (
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+    "clip_ratio/region_mean",
+    "clip_ratio/low_min",
+    "clip_ratio/high_max",
+)
+SAMPLER_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
 def stat_names(loss_type: str, importance_level: str = "token") -> tuple[str, ...]:
@@ -287,8 +291,13 @@ def grpo_objective(
         per_token = per_token + cfg.beta * kl
 
     weights = aggregation_weights(
-        m, cfg.loss_type, max_completion_length=cfg.max_completion_length, num_items=num_items,
-        num_sequences=num_sequences, accumulation_steps=accumulation_steps)
+        m,
+        cfg.loss_type,
+        max_completion_length=cfg.max_completion_length,
+        num_items=num_items,
+        num_sequences=num_sequences,
+        accumulation_steps=accumulation_steps,
+    )
     loss = (per_token * weights).sum()
     if cfg.entropy_coef != 0.0:
         # TRL's bonus: the token mean of the entropy over the tokens the policy term acts on,
@@ -330,8 +339,10 @@ def grpo_stats(
             stats[f"clip_ratio/{name}_mean"] = _share(flags, m)
             if cfg.importance_level == "sequence":
                 stats[f"clip_ratio/{name}_mean_tokens"] = masked_mean(flags.float().expand_as(m), m)
-        per_seq = [f.float().squeeze(-1) if f.shape[-1] == 1 else
-                   (f.float() * m).sum(-1) / m.sum(-1) for f in (low, high)]
+        per_seq = [
+            f.float().squeeze(-1) if f.shape[-1] == 1 else (f.float() * m).sum(-1) / m.sum(-1)
+            for f in (low, high)
+        ]
         # The extremes over sequences with loss tokens (NaN share: none), NaN if there is no
         # such sequence; computed without boolean indexing (no host sync).
         lows, highs = per_seq
@@ -375,11 +386,22 @@ def grpo_loss_ref(
     log_probs, entropy = _log_softmax_and_entropy(logits, cfg.temperature)  # (B, T, V), (B, T)
     logp = log_probs.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)  # (B, T)
     loss, terms = grpo_objective(
-        logp, entropy, advantages, mask, old_logp, ref_logp if cfg.beta != 0 else None,
-        config=cfg, sampler_logp=sampler_logp, importance_sampling_ratio=importance_sampling_ratio,
-        num_items=num_items, num_sequences=num_sequences, accumulation_steps=accumulation_steps)
-    return add_aux_loss(loss, grpo_stats(cfg, terms, logp, entropy, mask), aux_loss, cfg,
-                        accumulation_steps)
+        logp,
+        entropy,
+        advantages,
+        mask,
+        old_logp,
+        ref_logp if cfg.beta != 0 else None,
+        config=cfg,
+        sampler_logp=sampler_logp,
+        importance_sampling_ratio=importance_sampling_ratio,
+        num_items=num_items,
+        num_sequences=num_sequences,
+        accumulation_steps=accumulation_steps,
+    )
+    return add_aux_loss(
+        loss, grpo_stats(cfg, terms, logp, entropy, mask), aux_loss, cfg, accumulation_steps
+    )
 
 
 def add_aux_loss(
@@ -481,9 +503,11 @@ def check_rewards_finite(rewards: torch.Tensor) -> None:
     if rewards.is_floating_point() and bool(r.isinf().any()):
         where = [int(i) for i in torch.nonzero(r.isinf())[0]]
         column = f", reward function {where[1]}" if r.dim() == 2 else ""
-        raise ValueError(f"rewards must be finite or NaN (NaN: the reward function does not "
-                         f"apply): rewards{where} = {r[tuple(where)].item()} (completion "
-                         f"{where[0]}{column})")
+        raise ValueError(
+            f"rewards must be finite or NaN (NaN: the reward function does not "
+            f"apply): rewards{where} = {r[tuple(where)].item()} (completion "
+            f"{where[0]}{column})"
+        )
 
 
 def group_advantages_ref(

@@ -24,8 +24,14 @@ _RENAMES: dict[str, tuple[tuple[str, str], ...]] = {"mixtral": ((".block_sparse_
 # Per-expert projection names in checkpoints: gate, up, down.
 _PROJ_NAMES: dict[str, tuple[str, str, str]] = {"mixtral": ("w1", "w3", "w2")}
 _DEFAULT_PROJ = ("gate_proj", "up_proj", "down_proj")
-_PART_OF_PROJ = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up",
-                 "down_proj": "down", "w2": "down"}
+_PART_OF_PROJ = {
+    "gate_proj": "gate",
+    "w1": "gate",
+    "up_proj": "up",
+    "w3": "up",
+    "down_proj": "down",
+    "w2": "down",
+}
 _EXPERT_KEY = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
 
 

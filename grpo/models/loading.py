@@ -108,13 +108,13 @@ def _set_experts_backend(model: PreTrainedModel, moe_backend: str, device: torch
         model.config._experts_implementation = moe_backend
 
 
-def _triton_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                            top_k_weights: torch.Tensor) -> torch.Tensor:
+def _triton_experts_forward(
+    self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     """transformers' experts interface -> grpo.kernels.moe_experts (stacked SwiGLU experts)."""
     from grpo.kernels import moe_experts
 
-    return moe_experts(hidden_states, self.gate_up_proj, self.down_proj, top_k_index,
-                       top_k_weights)
+    return moe_experts(hidden_states, self.gate_up_proj, self.down_proj, top_k_index, top_k_weights)
 
 
 def register_triton_experts() -> None:
@@ -127,15 +127,21 @@ def register_triton_experts() -> None:
 def _check_triton_experts(module: nn.Module) -> None:
     """Our kernel computes silu(gate) * up with [gate; up] stacked, no bias, not transposed."""
     act = type(getattr(module, "act_fn", None)).__name__
-    unsupported = [name for name, bad in (
-        ("bias", getattr(module, "has_bias", False)),
-        ("transposed weights", getattr(module, "is_transposed", False)),
-        ("interleaved gate/up", not getattr(module, "is_concatenated", True)),
-        (f"activation {act}", act not in ("SiLU", "SiLUActivation")),
-    ) if bad]
+    unsupported = [
+        name
+        for name, bad in (
+            ("bias", getattr(module, "has_bias", False)),
+            ("transposed weights", getattr(module, "is_transposed", False)),
+            ("interleaved gate/up", not getattr(module, "is_concatenated", True)),
+            (f"activation {act}", act not in ("SiLU", "SiLUActivation")),
+        )
+        if bad
+    ]
     if unsupported:
-        raise ValueError(f"moe_backend='triton' does not support {', '.join(unsupported)} "
-                         f"in {type(module).__name__}; use grouped_mm")
+        raise ValueError(
+            f"moe_backend='triton' does not support {', '.join(unsupported)} "
+            f"in {type(module).__name__}; use grouped_mm"
+        )
 
 
 @contextlib.contextmanager
@@ -232,7 +238,8 @@ def _stream_checkpoint(model: PreTrainedModel, path: Path, model_type: str) -> N
     aliases = _tied_aliases(model)
     ignore = [re.compile(p) for p in model._keys_to_ignore_on_load_unexpected or ()]
     non_persistent = {
-        f"{mn}.{b}" if mn else b for mn, m in model.named_modules()
+        f"{mn}.{b}" if mn else b
+        for mn, m in model.named_modules()
         for b in m._non_persistent_buffers_set
     }
     loaded: set[str] = set()
@@ -263,8 +270,10 @@ def _stream_checkpoint(model: PreTrainedModel, path: Path, model_type: str) -> N
                 if name not in targets:
                     if name in non_persistent or any(p.search(name) for p in ignore):
                         continue
-                    raise CheckpointError(f"{file}: unexpected tensor {key} (no such parameter "
-                                          f"or buffer in {type(model).__name__})")
+                    raise CheckpointError(
+                        f"{file}: unexpected tensor {key} (no such parameter "
+                        f"or buffer in {type(model).__name__})"
+                    )
                 _copy(f, key, file, targets[name], adopt=True)
                 loaded.add(name)
     _check_complete(path, targets, aliases, non_persistent, loaded, pieces)
@@ -307,17 +316,21 @@ def _copy(f, key: str, file: Path, target: torch.Tensor, adopt: bool = False) ->
 def _copy_piece(f, key: str, file: Path, piece: ExpertPiece, targets: dict) -> None:
     stacked = targets.get(piece.param)
     if stacked is None:
-        raise CheckpointError(f"{file}: unexpected tensor {key} (no stacked experts "
-                              f"{piece.param} in the model)")
+        raise CheckpointError(
+            f"{file}: unexpected tensor {key} (no stacked experts {piece.param} in the model)"
+        )
     if piece.expert >= stacked.shape[0]:
-        raise CheckpointError(f"{file}: tensor {key} is expert {piece.expert}, but the model "
-                              f"has {stacked.shape[0]} experts")
+        raise CheckpointError(
+            f"{file}: tensor {key} is expert {piece.expert}, but the model "
+            f"has {stacked.shape[0]} experts"
+        )
     if piece.part == "down":
         view = stacked[piece.expert]  # (H, I)
     else:
         inter = stacked.shape[1] // 2
-        view = stacked[piece.expert, :inter] if piece.part == "gate" else \
-            stacked[piece.expert, inter:]  # (I, H)
+        view = (
+            stacked[piece.expert, :inter] if piece.part == "gate" else stacked[piece.expert, inter:]
+        )  # (I, H)
     _copy(f, key, file, view)
 
 
@@ -334,8 +347,9 @@ def _check_complete(path, targets, aliases, non_persistent, loaded, pieces) -> N
         missing.append(name)
     if missing:
         more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
-        raise CheckpointError(f"{path}: tensors missing from the checkpoint: "
-                              f"{', '.join(missing[:8])}{more}")
+        raise CheckpointError(
+            f"{path}: tensors missing from the checkpoint: {', '.join(missing[:8])}{more}"
+        )
 
 
 def _load_tokenizer(path: Path):

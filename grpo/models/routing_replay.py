@@ -41,12 +41,16 @@ def _experts(block: nn.Module) -> nn.Module | None:
 
 def _routers(model: nn.Module) -> list[nn.Module]:
     """The router of every MoE block, in layer order."""
-    return [m.gate for m in model.modules()
-            if hasattr(m, "gate") and hasattr(_experts(m), "gate_up_proj")]
+    return [
+        m.gate
+        for m in model.modules()
+        if hasattr(m, "gate") and hasattr(_experts(m), "gate_up_proj")
+    ]
 
 
-def routing_weights(family: str, router: nn.Module, logits: torch.Tensor,
-                    ids: torch.Tensor) -> torch.Tensor:
+def routing_weights(
+    family: str, router: nn.Module, logits: torch.Tensor, ids: torch.Tensor
+) -> torch.Tensor:
     """The family's top-k weights for the given expert ids, from router logits (T, E)."""
     if family == "deepseek_v3":  # sigmoid scores, the bias only steers the choice
         w = logits.float().sigmoid().gather(1, ids)
@@ -63,8 +67,9 @@ class RoutingReplay:
     def __init__(self, model: nn.Module):
         family = model.config.model_type
         if family not in MOE_FAMILIES:
-            raise ValueError(f"routing replay needs an MoE model ({', '.join(MOE_FAMILIES)}), "
-                             f"got {family!r}")
+            raise ValueError(
+                f"routing replay needs an MoE model ({', '.join(MOE_FAMILIES)}), got {family!r}"
+            )
         self.family = family
         self.routers = _routers(model)
         self._layer = {id(r): i for i, r in enumerate(self.routers)}
@@ -98,8 +103,9 @@ class RoutingReplay:
         """Replay these ids, (L, rows, S, k), in the following forwards (and recomputes); a
         token whose ids are -1 routes itself."""
         if routing.shape[0] != len(self.routers):
-            raise ValueError(f"routing has {routing.shape[0]} layers, the model "
-                             f"{len(self.routers)} MoE layers")
+            raise ValueError(
+                f"routing has {routing.shape[0]} layers, the model {len(self.routers)} MoE layers"
+            )
         self._replay = routing
 
     def clear(self) -> None:

@@ -67,8 +67,9 @@ def _parse_size(size: int | str) -> int:
     return int(text)
 
 
-def _checkpoint_tensors(model: PreTrainedModel, state_dict: dict[str, torch.Tensor] | None = None
-                        ) -> Iterator[tuple[str, torch.Tensor]]:
+def _checkpoint_tensors(
+    model: PreTrainedModel, state_dict: dict[str, torch.Tensor] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(checkpoint name, tensor) for every saved tensor; experts split per expert. Views are
     yielded; the shard writer copies them to host memory one shard at a time."""
     model_type = model.config.model_type
@@ -90,8 +91,12 @@ def _checkpoint_tensors(model: PreTrainedModel, state_dict: dict[str, torch.Tens
                 yield expert_checkpoint_name(name, e, "up", model_type), tensor[e, inter:]
 
 
-def _write_shards(model: PreTrainedModel, directory: Path, limit: int,
-                  state_dict: dict[str, torch.Tensor] | None = None) -> None:
+def _write_shards(
+    model: PreTrainedModel,
+    directory: Path,
+    limit: int,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
     size = 0
     for name, tensor in _checkpoint_tensors(model, state_dict):

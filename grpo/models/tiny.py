@@ -62,16 +62,22 @@ def char_tokenizer(extra_chars: str = "") -> transformers.PreTrainedTokenizerFas
     )
 
 
-def _family_kwargs(family: str, hidden: int, experts: int, top_k: int,
-                   moe_intermediate: int | None = None) -> dict:
+def _family_kwargs(
+    family: str, hidden: int, experts: int, top_k: int, moe_intermediate: int | None = None
+) -> dict:
     """Architecture-specific config kwargs. Router settings are explicit (and differ from the
     class defaults where that is meaningful) so tests exercise config-driven router maths."""
     moe_intermediate = moe_intermediate or hidden // 2
-    routed = dict(num_experts=experts, num_experts_per_tok=top_k,
-                  moe_intermediate_size=moe_intermediate)
+    routed = dict(
+        num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=moe_intermediate
+    )
     if family == "qwen2_moe":
-        return dict(routed, shared_expert_intermediate_size=hidden, norm_topk_prob=True,
-                    decoder_sparse_step=1)
+        return dict(
+            routed,
+            shared_expert_intermediate_size=hidden,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+        )
     if family == "qwen3_moe":
         return dict(routed, norm_topk_prob=True, decoder_sparse_step=1)
     if family == "mixtral":
@@ -81,11 +87,22 @@ def _family_kwargs(family: str, hidden: int, experts: int, top_k: int,
     if family == "deepseek_v3":
         # Grouped sigmoid routing with a correction bias, scaling and one shared expert;
         # layer 0 dense (first_k_dense_replace=1), MLA attention with a q LoRA.
-        return dict(n_routed_experts=experts, num_experts_per_tok=top_k,
-                    moe_intermediate_size=moe_intermediate, n_shared_experts=1, n_group=2,
-                    topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
-                    first_k_dense_replace=1, q_lora_rank=hidden // 2, kv_lora_rank=16,
-                    qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+        return dict(
+            n_routed_experts=experts,
+            num_experts_per_tok=top_k,
+            moe_intermediate_size=moe_intermediate,
+            n_shared_experts=1,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            first_k_dense_replace=1,
+            q_lora_rank=hidden // 2,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+        )
     return {}
 
 
@@ -131,12 +148,18 @@ def make_tiny(
         raise ValueError(f"vocab={vocab} is smaller than the tokenizer ({n_tok} tokens)")
 
     kwargs = dict(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        head_dim=head_dim or hidden // heads, max_position_embeddings=2048,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate or 2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim or hidden // heads,
+        max_position_embeddings=2048,
         tie_word_embeddings=tie_embeddings,
         # The tokenizer has no BOS; like Qwen, use EOS in its place.
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     kwargs.update(_family_kwargs(family, hidden, experts, top_k, moe_intermediate))

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from grpo.kernels.reference import token_logprobs_ref
 
 from grpo import kernels
 from grpo.kernels import token_logprobs
+from grpo.kernels.reference import token_logprobs_ref
 
 from .helpers import assert_close, assert_within_ref_error
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from grpo.kernels.reference import moe_experts_ref
 
 from grpo import kernels
 from grpo.kernels import moe_experts
+from grpo.kernels.reference import moe_experts_ref
 
 from .helpers import assert_close, assert_within_ref_error
 

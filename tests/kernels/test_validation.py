@@ -12,7 +12,6 @@ import traceback
 
 import pytest
 import torch
-from grpo.kernels.reference import group_advantages_ref, grpo_loss_ref
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from grpo import kernels
@@ -26,6 +25,7 @@ from grpo.kernels import (
     token_logprobs_from_hidden,
     value_checks,
 )
+from grpo.kernels.reference import group_advantages_ref, grpo_loss_ref
 
 from .test_grpo_loss import make_inputs as loss_inputs
 from .test_linear_grpo_loss import make_inputs as linear_inputs
