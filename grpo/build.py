@@ -262,6 +262,9 @@ def undo_start(cfg: GRPOConfig, run_dir: Path, created: list[Path]) -> None:
 def _run_dir_error(cfg: GRPOConfig, run_dir: Path) -> str | None:
     if run_dir.exists() and not run_dir.is_dir():
         return f"--output-dir {run_dir} is a file, not a directory"
+    blocker = files.file_in_path(run_dir)
+    if blocker is not None:
+        return f"--output-dir {run_dir}: {blocker} is a file, not a directory"
     if not run_dir.is_dir() or not any(run_dir.iterdir()):
         return f"--resume: {run_dir} holds no run" if cfg.run.resume else None
     foreign = sorted(p.name for p in run_dir.iterdir() if not _ours(p.name))

@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -447,6 +448,10 @@ class GRPOConfig:
         s, o, d = self.sampling, self.optim, self.data
         checks = [
             (
+                re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.model.device) is not None,
+                f"device {self.model.device!r}: expected auto, cpu, cuda or cuda:N",
+            ),
+            (
                 s.num_generations >= 2,
                 f"num_generations (G) must be >= 2, got "
                 f"{s.num_generations}: GRPO compares answers within a group",
@@ -562,8 +567,11 @@ class GRPOConfig:
             raise ValueError(
                 f"model path {self.model.path!r} is not a directory with a config.json"
             )
-        if d.data and not Path(d.data).is_file():
-            raise ValueError(f"dataset {d.data!r} does not exist")
+        for flag, given in (("--data", d.data), ("--sft-data", self.cold_start.sft_data)):
+            if given and Path(given).is_dir():
+                raise ValueError(f"{flag} {given!r} is a directory, not a JSONL file")
+            if given and not Path(given).is_file():
+                raise ValueError(f"{flag}: dataset {given!r} does not exist")
 
     def to_dict(self) -> dict:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
@@ -685,6 +693,8 @@ def load_config_file(path: str | Path) -> dict:
     """Flat keys from a YAML or JSON file; a section may also be given nested
     (`loss: {beta: 0.04}`)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"config file {path} is a directory, not a YAML or JSON file")
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist")
     try:

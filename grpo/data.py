@@ -128,15 +128,20 @@ def task_splits(task: Task, seed: int, eval_size: int) -> tuple[list[dict[str, A
 # JSONL datasets
 
 
-def load_jsonl(path: str | Path, *, require_answer: bool = False) -> list[dict[str, Any]]:
+def load_jsonl(
+    path: str | Path, *, require_answer: bool = False, require_completion: bool = False
+) -> list[dict[str, Any]]:
     """Read one JSON object per line (blank lines skipped).
 
     Each needs a str ``"prompt"``; ``"answer"`` is optional unless ``require_answer`` and must
-    be a str (JSON numbers are converted: ``42`` -> ``"42"``). Other keys are kept as columns.
+    be a str (JSON numbers are converted: ``42`` -> ``"42"``); ``"completion"`` (a str) is
+    needed with ``require_completion`` (supervised data). Other keys are kept as columns.
     Raises ``DatasetError`` naming the file and line of the first bad line, or if there are no
     examples.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DatasetError(f"{path} is a directory, not a JSONL file")
     examples = []
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -171,6 +176,9 @@ def load_jsonl(path: str | Path, *, require_answer: bool = False) -> list[dict[s
                     )
             elif require_answer:
                 raise DatasetError(f"{where}: missing 'answer'")
+            if require_completion and not isinstance(ex.get("completion"), str):
+                got = type(ex["completion"]).__name__ if "completion" in ex else "none"
+                raise DatasetError(f"{where}: needs a string 'completion', got {got}")
             examples.append(ex)
     if not examples:
         raise DatasetError(f"{path} contains no examples")

@@ -208,6 +208,13 @@ def prompt_examples(
 # --- sampling and scoring -------------------------------------------------------------------
 
 
+def example_columns(examples: Sequence[dict]) -> list[str]:
+    """The example columns reward functions get (every column but the prompt). Every
+    example's keys, not the first one's: a dataset may mix shapes (the code reward's
+    stdin/stdout and function tests), and a missing column is None for that example."""
+    return [key for key in dict.fromkeys(k for ex in examples for k in ex) if key != "prompt"]
+
+
 def reward_columns(
     examples: Sequence[dict],
     group_size: int,
@@ -218,13 +225,9 @@ def reward_columns(
     """The keyword columns reward functions get for group_size completions per example, in
     the trainer's layout: example columns repeated per completion (the raw question as
     "prompts"), completion lengths, truncation flags and max_completion_length."""
-    # Every example's keys, not the first one's: a dataset may mix shapes (the code reward's
-    # stdin/stdout and function tests), and a missing column is None for that example.
-    keys = dict.fromkeys(key for ex in examples for key in ex)
     columns = {
         key: [ex.get(key) for ex in examples for _ in range(group_size)]
-        for key in keys
-        if key != "prompt"
+        for key in example_columns(examples)
     }
     columns["prompts"] = [ex["prompt"] for ex in examples for _ in range(group_size)]
     columns["completion_lengths"] = completion_lengths

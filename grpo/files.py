@@ -113,6 +113,15 @@ _WRITE_TEXTS = {
 }
 
 
+def file_in_path(path: str | Path) -> Path | None:
+    """The existing file (not a directory) that `path` would have to be inside, if any: a
+    directory or file cannot be made at `path` then (mkdir's NotADirectoryError, told early)."""
+    for parent in Path(path).absolute().parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
 def write_error(error: BaseException) -> tuple[int, str] | None:
     """(errno, one-line description) when `error`, or an error it was raised from, is a
     filesystem refusing a write (disk full, quota, read-only, permission); else None."""

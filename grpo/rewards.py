@@ -21,16 +21,27 @@ convention); ``score`` turns it into NaN for ``group_advantages`` to skip.
 
 from __future__ import annotations
 
+import copy
 import importlib
+import inspect
 import math
 import re
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from fractions import Fraction
 from typing import Any
 
+import numpy as np
 import torch
 
 RewardFn = Callable[..., list]
+
+# The largest reward magnitude accepted. group_advantages works in fp32, whose squares
+# overflow near 1.8e19: a reward beyond this would turn the group's std into inf and every
+# advantage into 0 or NaN without a word. 1e15 leaves room for 1e8 completions in one sum.
+REWARD_LIMIT = 1e15
+# Steps in a row in which no completion got any reward before the run stops.
+UNSCORED_PATIENCE = 3
 
 __all__ = [
     "CORRECTNESS",
@@ -48,6 +59,7 @@ __all__ = [
     "resolve_reward",
     "reward_metrics",
     "score",
+    "UnscoredWatch",
 ]
 
 
@@ -344,6 +356,10 @@ def resolve_reward(spec: str) -> tuple[str, RewardFn]:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise ValueError(f"reward {spec!r}: cannot import module {module_name!r}: {e}") from e
+    except Exception as e:  # the module itself is broken: a SyntaxError, or its code raised
+        raise ValueError(
+            f"reward {spec!r}: importing module {module_name!r} raised {type(e).__name__}: {e}"
+        ) from e
     fn = getattr(module, attr, None)
     if fn is None:
         raise ValueError(f"reward {spec!r}: module {module_name!r} has no attribute {attr!r}")
@@ -369,10 +385,14 @@ def _preview(text: str) -> str:
 
 def _check(name: str, values: Any, completions: list[str], offset: int = 0) -> list[float]:
     """Validate a reward function's output; None -> NaN. ``offset`` locates per-row calls."""
-    try:
-        values = list(values)
-    except TypeError as e:
-        raise RewardError(f"reward {name!r} returned {type(values).__name__}, not a list") from e
+    # Only sequences of numbers: list() of a dict gives its keys, of a str its characters.
+    if isinstance(values, (np.ndarray, torch.Tensor)) and values.ndim == 1:
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
+        raise RewardError(
+            f"reward {name!r} returned {type(values).__name__}, not a list of numbers (one per "
+            "completion)"
+        )
     if len(values) != len(completions):
         raise RewardError(
             f"reward {name!r} returned {len(values)} values, expected {len(completions)} "
@@ -384,6 +404,8 @@ def _check(name: str, values: Any, completions: list[str], offset: int = 0) -> l
             out.append(math.nan)
             continue
         try:
+            if isinstance(v, (str, bytes)):
+                raise TypeError("text is not a number")
             f = float(v)
         except (TypeError, ValueError) as e:
             raise RewardError(
@@ -393,6 +415,11 @@ def _check(name: str, values: Any, completions: list[str], offset: int = 0) -> l
             raise RewardError(
                 f"reward {name!r} returned {f} for completion {offset + j} (use None for "
                 f"'does not apply'): {_preview(completions[j])}"
+            )
+        if abs(f) > REWARD_LIMIT:
+            raise RewardError(
+                f"reward {name!r} returned {f:g} for completion {offset + j}: beyond "
+                f"{REWARD_LIMIT:g}, the group statistics would overflow; rescale the reward"
             )
         out.append(f)
     return out
@@ -424,6 +451,9 @@ def score(
     n = len(completions)
     rewards = torch.full((n, len(reward_fns)), math.nan, dtype=torch.float32)
     failures = dict.fromkeys(names, 0)
+    # Every function sees the batch as it was: one that edits its arguments is an error,
+    # not a silent change of what the next function (or the next step's metrics) read.
+    before = (list(completions), copy.deepcopy(columns))
     for r, (name, fn) in enumerate(reward_fns):
         try:
             values = fn(completions, **columns)
@@ -450,5 +480,72 @@ def score(
                     f"reward {name!r} raised {type(batch_error).__name__}: {batch_error} on the "
                     "batch, but on no single completion"
                 ) from batch_error
+        _check_unchanged(name, before, completions, columns)
         rewards[:, r] = torch.tensor(_check(name, values, completions), dtype=torch.float32)
     return rewards, failures
+
+
+def _check_unchanged(
+    name: str, before: tuple[list[str], dict[str, Any]], completions: list[str], columns: dict
+) -> None:
+    changed = ["completions"] if completions != before[0] else []
+    changed += [
+        k for k in sorted(set(columns) | set(before[1])) if columns.get(k) != before[1].get(k)
+    ]
+    if changed:
+        raise RewardError(
+            f"reward {name!r} modified its arguments ({', '.join(changed)}): a reward must "
+            "not change what it is given; copy before editing"
+        )
+
+
+def looked_for(fn: RewardFn) -> list[str]:
+    """The columns a reward function names as parameters: what it looks for in the batch."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable: nothing to read
+        return []
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    given = {"completions", "prompts", "completion_ids", "self"}
+    return [p.name for p in params if p.kind in named and p.name not in given]
+
+
+class UnscoredWatch:
+    """Rewards that never apply: a reward that gives None for every completion of a batch is
+    warned about once (naming the columns it looks for and those the batch has), and a run
+    in which no completion gets any reward for ``patience`` batches in a row stops with a
+    ``RewardError``: it would train on nothing (zero advantages, zero gradients)."""
+
+    def __init__(self, reward_fns: Sequence[tuple[str, RewardFn]], patience: int) -> None:
+        self.reward_fns, self.patience = list(reward_fns), patience
+        self.warned: set[str] = set()
+        self.streak = 0
+
+    def _columns(self, fn: RewardFn, have: set[str]) -> str:
+        wanted = looked_for(fn)
+        missing = [c for c in wanted if c not in have]
+        if not wanted:
+            return "it names no column"
+        return f"it looks for {', '.join(wanted)}" + (
+            f" (missing: {', '.join(missing)})" if missing else ""
+        )
+
+    def update(self, rewards: torch.Tensor, columns: Iterable[str]) -> None:
+        """rewards: (N, R), NaN where a function gave None; columns: the batch's column names."""
+        have = set(columns)
+        listed = ", ".join(sorted(have)) or "none"
+        for r, (name, fn) in enumerate(self.reward_fns):
+            if name not in self.warned and bool(rewards[:, r].isnan().all()):
+                self.warned.add(name)
+                warnings.warn(
+                    f"reward {name!r} gave None for all {rewards.shape[0]} completions: "
+                    f"{self._columns(fn, have)}; the data has {listed}",
+                    stacklevel=2,
+                )
+        self.streak = self.streak + 1 if bool(rewards.isnan().all()) else 0
+        if self.streak >= self.patience:
+            names = "; ".join(f"{n}: {self._columns(fn, have)}" for n, fn in self.reward_fns)
+            raise RewardError(
+                f"no completion got a reward in {self.streak} steps in a row, so nothing is "
+                f"learned: every reward gave None ({names}; the data has {listed})"
+            )

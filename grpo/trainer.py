@@ -37,7 +37,7 @@ from . import lora as lora_mod
 from . import rewards as rewards_mod
 from .build import TrainerParts, load_reference, write_json
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from .evaluation import greedy_accuracy, reward_columns
+from .evaluation import example_columns, greedy_accuracy, reward_columns
 from .metrics import (
     RunLogger,
     SilentLogger,
@@ -113,6 +113,7 @@ class GRPOTrainer:
         self.forward, self.replay = parts.forward, parts.replay
         self.task, self.eval_examples, self.stream = parts.task, parts.eval_examples, parts.stream
         self.reward_fns, self.reward_weights = parts.reward_fns, parts.reward_weights
+        self.unscored = rewards_mod.UnscoredWatch(self.reward_fns, rewards_mod.UNSCORED_PATIENCE)
         self.ref_model = None  # loaded after the cold start (it is the cold-started policy)
         self.state = {"step": 0, "data_position": 0, "sft_done": False, "eval": {}}
 
@@ -229,9 +230,8 @@ class GRPOTrainer:
         c = self.cfg.cold_start
         if c.sft_steps > 0:
             if c.sft_data:
-                pairs = [
-                    (self.prompt(ex), ex["completion"]) for ex in data_mod.load_jsonl(c.sft_data)
-                ]
+                examples = data_mod.load_jsonl(c.sft_data, require_completion=True)
+                pairs = [(self.prompt(ex), ex["completion"]) for ex in examples]
             elif self.task is not None:
                 # Worked solutions of training prompts (never the held-out ones).
                 held_out = {e["prompt"] for e in self.eval_examples}
@@ -373,6 +373,8 @@ class GRPOTrainer:
         # Normalised over the whole batch of every rank: equal to one process's advantages
         # also for scale_rewards="batch" (groups never straddle ranks).
         all_rewards, offset = dist_mod.gather_rows(rewards)
+        # Every rank sees every rank's rewards: all stop together or none does.
+        self.unscored.update(all_rewards, example_columns([k[0] for k in kept]))
         advantages, adv_stats = kernels.group_advantages(
             all_rewards.to(self.device),
             g,

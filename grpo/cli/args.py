@@ -84,6 +84,10 @@ def check_output(path: Path, *, overwrite: bool, kind: str) -> None:
     """Refuse to write `path` where that would destroy something: an existing output is
     replaced only with --overwrite, and only when it is what this kind of command writes
     (kind: "model" directory, "jsonl" rows, "report" JSON). ValueError naming what is there."""
+    blocker = files.file_in_path(path)
+    if blocker is not None:
+        flag = "--output-dir" if kind == "model" else "--output"
+        raise ValueError(f"{flag} {path}: {blocker} is a file, not a directory")
     if kind == "model":
         if path.exists() and not path.is_dir():
             raise ValueError(f"--output-dir {path} is a file, not a directory")

@@ -135,10 +135,7 @@ def _training_pairs(args: argparse.Namespace, template: str, tokenizer) -> list[
     a "completion", else steps x batch-size examples of the task's training stream with the
     task's worked solutions."""
     if args.data:
-        examples = data_mod.load_jsonl(args.data)
-        missing = [i for i, ex in enumerate(examples) if "completion" not in ex]
-        if missing:
-            raise ValueError(f"{args.data}: example {missing[0] + 1} has no 'completion'")
+        examples = data_mod.load_jsonl(args.data, require_completion=True)
         return [
             (data_mod.format_prompt(ex, template, tokenizer), ex["completion"]) for ex in examples
         ]

@@ -14,6 +14,7 @@ in ``grpo.data``.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from .arithmetic import ArithmeticTask
@@ -44,4 +45,13 @@ def make_task(name: str, **options: Any) -> Task:
     """Build the task registered as ``name`` with its keyword options."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
+    params = inspect.signature(TASKS[name]).parameters
+    accepted = [p for p in params if p != "self"]
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    unknown = sorted(set(options) - set(accepted))
+    if unknown and not open_ended:
+        raise ValueError(
+            f"task {name!r} has no option {', '.join(map(repr, unknown))}; its options: "
+            f"{', '.join(accepted) or 'none'}"
+        )
     return TASKS[name](**options)

@@ -99,7 +99,7 @@ def test_make_task_errors():
         make_task("nope")
     with pytest.raises(ValueError, match="operators"):
         ArithmeticTask(operators="+/")
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="task 'sort' has no option 'digits'; its options: length"):
         make_task("sort", digits=3)
 
 
