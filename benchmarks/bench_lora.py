@@ -81,9 +81,7 @@ def measure(model_dir: Path, run_dir: Path, rank: int, steps: int, smoke: bool) 
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     reference_bytes = 0
     if rank == 0:
-        from grpo.build import load_reference
-
-        trainer.ref_model = load_reference(trainer.parts)
+        trainer.ref_model = trainer.load_reference()
         reference_bytes = sum(p.numel() * p.element_size() for p in trainer.ref_model.parameters())
     # CPU time of this process (both threads), which a machine shared with other jobs
     # inflates far less than wall time; the sampling's share is measured apart.

@@ -189,7 +189,7 @@ def run_ours(args: argparse.Namespace, checkpoint: Path, workdir: Path,
     """Our GRPOTrainer: `warmup` untimed steps, then `steps` timed ones (phase seconds from
     the step's own metrics). fused_loss, packing: None is the trainer's default (fused on a
     GPU; packing with flash-attention or sdpa)."""
-    from grpo.build import build_trainer, load_reference
+    from grpo.build import build_trainer
     from grpo.config import GRPOConfig
 
     _reset_peak()
@@ -206,7 +206,7 @@ def run_ours(args: argparse.Namespace, checkpoint: Path, workdir: Path,
     if args.lengths == "lognormal":
         _cut_to_long_tail(trainer, args.tokens)
     # As train() does when beta > 0: the frozen reference, loaded from the same checkpoint.
-    trainer.ref_model = load_reference(trainer.parts)
+    trainer.ref_model = trainer.load_reference()
     records = []
     for i in range(args.warmup + args.steps):
         _sync()

@@ -10,13 +10,10 @@ cold-started policy, so it is loaded after the cold start by `load_reference`.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -44,46 +41,16 @@ from .config import (
     read_run_config,
     resume_mismatches,
 )
-from .files import atomic_write
 from .policy import PolicyForward
 from .rollout import SamplingParams, make_engine
+from .trainer import GRPOTrainer, TrainerParts
 
 DEFAULT_EVAL_SIZE = 200  # held-out prompts of a task, and at most of a dataset
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-@dataclass
-class TrainerParts:
-    """What GRPOTrainer runs on. dtype is the parameters' (fp32 master weights when sharded),
-    compute_dtype the forward's when it differs (None otherwise)."""
-
-    config: GRPOConfig
-    run_dir: Path
-    rank: int
-    world: int
-    device: torch.device
-    dtype: torch.dtype
-    compute_dtype: torch.dtype | None
-    task: tasks_mod.Task | None  # None with a JSONL dataset
-    eval_examples: list[dict]
-    stream: Any  # TrainStream or JsonlStream
-    model: torch.nn.Module
-    tokenizer: Any
-    replay: RoutingReplay | None
-    engine: Any  # grpo.rollout.Engine
-    reward_fns: list[tuple[str, Any]]
-    reward_weights: torch.Tensor  # (R,)
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    forward: PolicyForward
-    loss_fn: Any  # kernels.grpo_loss or reference.grpo_loss_ref
-    lora: lora_mod.LoRASettings | None = None  # LoRA adapters (None: the full model)
-
-
-def build_trainer(config: GRPOConfig):
+def build_trainer(config: GRPOConfig) -> GRPOTrainer:
     """The trainer of `config` with all its parts built."""
-    from .trainer import GRPOTrainer
-
     return GRPOTrainer(build_parts(config))
 
 
@@ -153,23 +120,6 @@ def build_parts(config: GRPOConfig) -> TrainerParts:
     )
 
 
-def load_reference(parts: TrainerParts) -> torch.nn.Module:
-    """The frozen reference model: the cold-started policy (else the initial one), from disk,
-    on the CPU with ref_on_cpu, sharded like the policy under torchrun."""
-    cfg, run_dir = parts.config, parts.run_dir
-    source = run_dir / "cold-start"
-    if not (source / "config.json").is_file():
-        source = Path(cfg.model.path) if cfg.model.path else run_dir / "init-model"
-    on_cpu = cfg.model.ref_on_cpu and parts.world == 1
-    ref, _ = load_model(
-        source, dtype=parts.dtype, device=torch.device("cpu") if on_cpu else parts.device
-    )
-    ref.eval().requires_grad_(False)
-    if parts.world > 1:  # sharded like the policy (ref_on_cpu does not apply)
-        dist_mod.shard_model(ref, compute_dtype=parts.compute_dtype)
-    return ref
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -228,7 +178,7 @@ def prepare_run_dir(cfg: GRPOConfig, run_dir: Path) -> list[Path]:
         if error is None and cfg.run.resume:
             saved = read_run_config(run_dir / "config.json") or {}
             if any(saved.get(n, v) != v for n, v in cfg.flat().items() if n not in RESUME_FREE):
-                write_json(run_dir / "config.json", cfg.to_dict())
+                files.write_json(run_dir / "config.json", cfg.to_dict())
         elif error is None:
             if run_dir.is_dir() and (cfg.run.overwrite or _failed_start(run_dir)):
                 for name in RUN_FILES + RUN_DIRS:
@@ -236,7 +186,7 @@ def prepare_run_dir(cfg: GRPOConfig, run_dir: Path) -> list[Path]:
             if not run_dir.exists():
                 created.append(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(run_dir / "config.json", cfg.to_dict())
+            files.write_json(run_dir / "config.json", cfg.to_dict())
             created.append(run_dir / "config.json")
     error = dist_mod.broadcast_object(error)
     if error:
@@ -312,10 +262,6 @@ def _ours(name: str) -> bool:
         return True
     hidden = name.startswith(".") and (".tmp-" in name or ".old-" in name)
     return hidden and name[1:].split(".tmp-")[0].split(".old-")[0] in known
-
-
-def write_json(path: Path, value: dict) -> None:
-    atomic_write(path, json.dumps(value, indent=2, default=str))
 
 
 def _device_and_dtypes(cfg: GRPOConfig, world: int):

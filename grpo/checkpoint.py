@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from . import distributed, files
+from . import lora as lora_mod
 
 CHECKPOINT_NAME = "checkpoint"
 DCP_DIR = "dcp"
@@ -97,11 +98,9 @@ def save_checkpoint(
         distributed.barrier()
         adapter_only = _adapter_only(model)
         if adapter_only:
-            from .lora import save_adapter
-
-            save_adapter(model, tokenizer, tmp / ADAPTER_DIR)
+            lora_mod.save_adapter(model, tokenizer, tmp / ADAPTER_DIR)
         else:
-            distributed.save_full_model(model, tokenizer, tmp / MODEL_DIR)
+            lora_mod.save_full_model(model, tokenizer, tmp / MODEL_DIR)
         model_state, optim_state = get_state_dict(
             model, optimizer, options=_state_options(adapter_only)
         )
@@ -159,9 +158,7 @@ def load_checkpoint(
         trainer_state = _read_trainer_state(path, device)
     adapter_only = _adapter_only(model)
     if adapter_only or (path / ADAPTER_DIR).is_dir():  # a LoRA run, or a LoRA checkpoint
-        from .lora import checkpoint_mismatch, settings_of
-
-        mismatch = checkpoint_mismatch(path, settings_of(model), model)
+        mismatch = lora_mod.checkpoint_mismatch(path, lora_mod.settings_of(model), model)
         if mismatch:
             raise ValueError(mismatch)
     missing = [name for name in _parts(adapter_only) if not (path / name).exists()]
@@ -423,9 +420,7 @@ def _is_complete(path: Path) -> bool:
 
 def _adapter_only(model: torch.nn.Module) -> bool:
     """A LoRA policy (grpo.lora): its checkpoints hold the adapters, not the base."""
-    from .lora import is_lora
-
-    return is_lora(model)
+    return lora_mod.is_lora(model)
 
 
 def _parts(adapter_only: bool) -> tuple[str, ...]:

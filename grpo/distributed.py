@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime
 import os
 import sys
-from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
@@ -182,25 +181,6 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=options)
     return state if is_main() else None
-
-
-def save_full_model(
-    model: torch.nn.Module, tokenizer: object | None, path: Path, dtype: torch.dtype | None = None
-) -> None:
-    """grpo.models.save_model for a sharded or plain model: every rank calls it, rank 0 writes.
-    dtype: cast the parameters to it (fp32 master weights saved as the compute dtype). A
-    model with LoRA adapters is saved merged, under its original parameter names."""
-    from grpo.models import save_model
-
-    from .lora import is_lora, save_merged
-
-    if is_lora(model):
-        save_merged(model, tokenizer, path, dtype)
-        return
-    state = full_state_dict(model)
-    if is_main():
-        save_model(model, tokenizer, path, state_dict=cast_parameters(state, model, dtype))
-    barrier()
 
 
 def cast_parameters(state: dict, model: torch.nn.Module, dtype: torch.dtype | None) -> dict:

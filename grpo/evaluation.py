@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from grpo.models import load_model
+
 from . import code_reward as code_mod
 from . import data as data_mod
 from . import distributed as dist_mod
@@ -134,8 +136,6 @@ def load_model_for_eval(path: str):
     without tokenizer files is a ValueError (models.CheckpointError). `path` may also be a
     LoRA adapter in PEFT's format (a run's final/adapter/): its base model with the adapters
     merged in."""
-    from grpo.models import load_model
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if lora_mod.is_adapter_dir(path):

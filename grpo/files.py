@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import shutil
 import uuid
@@ -138,6 +139,11 @@ def write_error(error: BaseException) -> tuple[int, str] | None:
             return code, what[:1].lower() + what[1:] + (f" ({name})" if name else "")
         error = error.__cause__ or error.__context__
     return None
+
+
+def write_json(path: str | Path, value: dict) -> None:
+    """`value` as indented JSON at `path`, atomically (objects JSON lacks as their str)."""
+    atomic_write(path, json.dumps(value, indent=2, default=str))
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> None:

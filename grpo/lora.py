@@ -47,6 +47,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from grpo.models import load_model, save_model
+
 from . import distributed as dist_mod
 from . import files
 
@@ -503,14 +505,27 @@ def _skeleton(model: nn.Module):
     return skeleton
 
 
+def save_full_model(
+    model: torch.nn.Module, tokenizer: object | None, path: Path, dtype: torch.dtype | None = None
+) -> None:
+    """grpo.models.save_model for a sharded or plain model: every rank calls it, rank 0 writes.
+    dtype: cast the parameters to it (fp32 master weights saved as the compute dtype). A
+    model with LoRA adapters is saved merged, under its original parameter names."""
+    if is_lora(model):
+        save_merged(model, tokenizer, path, dtype)
+        return
+    state = dist_mod.full_state_dict(model)
+    if dist_mod.is_main():
+        save_model(model, tokenizer, path, state_dict=dist_mod.cast_parameters(state, model, dtype))
+    dist_mod.barrier()
+
+
 def save_merged(
     model: nn.Module, tokenizer, path: str | Path, dtype: torch.dtype | None = None
 ) -> None:
     """Base + adapters merged, in Hugging Face layout (grpo.models.save_model) under the original
     names: a plain model for transformers, load_model, --model. Every rank calls it; rank 0
     writes. dtype: cast the parameters to it."""
-    from grpo.models import save_model
-
     state = dist_mod.full_state_dict(model)
     if dist_mod.is_main():
         skeleton = _skeleton(model)
@@ -594,8 +609,6 @@ def load_adapter_model(path: str | Path, *, dtype: torch.dtype, device):
     """(model, tokenizer) of a PEFT adapter directory: its base (load_model) with the
     adapters merged in (peft's merge_and_unload): a plain transformers model."""
     from peft import PeftModel
-
-    from grpo.models import load_model
 
     base = adapter_base(path)
     model, tokenizer = load_model(base, dtype=dtype, device=device)

@@ -18,10 +18,12 @@ import contextlib
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from grpo import kernels
+from grpo.models import load_model
 from grpo.models.routing_replay import RoutingReplay
 
 from . import distributed as dist_mod
@@ -202,3 +204,20 @@ def _inputs(model, rollout: Rollout, rows: slice) -> tuple[dict, int]:
         use_cache=False,
     )
     return inputs, rollout.completion_ids.shape[1]
+
+
+def load_frozen_model(
+    source: Path,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    world: int,
+    compute_dtype: torch.dtype | None,
+) -> torch.nn.Module:
+    """The frozen reference model loaded from `source` (a saved model directory) onto
+    `device`, sharded like the policy under torchrun (world > 1)."""
+    ref, _ = load_model(source, dtype=dtype, device=device)
+    ref.eval().requires_grad_(False)
+    if world > 1:
+        dist_mod.shard_model(ref, compute_dtype=compute_dtype)
+    return ref

@@ -25,18 +25,23 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from grpo import kernels
 from grpo.kernels import reference
+from grpo.models.routing_replay import RoutingReplay
 
 from . import data as data_mod
 from . import distributed as dist_mod
+from . import files
 from . import lora as lora_mod
 from . import rewards as rewards_mod
-from .build import TrainerParts, load_reference, write_json
+from . import tasks as tasks_mod
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .config import GRPOConfig
 from .evaluation import example_columns, greedy_accuracy, reward_columns
 from .metrics import (
     RunLogger,
@@ -46,6 +51,7 @@ from .metrics import (
     reduce_loss_stats,
     step_metrics,
 )
+from .policy import PolicyForward, load_frozen_model
 from .rollout import Rollout
 from .sft import run_sft
 
@@ -103,6 +109,34 @@ class Batch:
     all_rewards: torch.Tensor  # (N_all, R) every rank's rewards (= rewards in one process)
 
 
+@dataclass
+class TrainerParts:
+    """What GRPOTrainer runs on. dtype is the parameters' (fp32 master weights when sharded),
+    compute_dtype the forward's when it differs (None otherwise)."""
+
+    config: GRPOConfig
+    run_dir: Path
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype
+    compute_dtype: torch.dtype | None
+    task: tasks_mod.Task | None  # None with a JSONL dataset
+    eval_examples: list[dict]
+    stream: Any  # TrainStream or JsonlStream
+    model: torch.nn.Module
+    tokenizer: Any
+    replay: RoutingReplay | None
+    engine: Any  # grpo.rollout.Engine
+    reward_fns: list[tuple[str, Any]]
+    reward_weights: torch.Tensor  # (R,)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    forward: PolicyForward
+    loss_fn: Any  # kernels.grpo_loss or reference.grpo_loss_ref
+    lora: lora_mod.LoRASettings | None = None  # LoRA adapters (None: the full model)
+
+
 class GRPOTrainer:
     def __init__(self, parts: TrainerParts):
         self.parts = parts
@@ -137,13 +171,13 @@ class GRPOTrainer:
         try:
             if self.cfg.loss.beta > 0 and self.parts.lora is None:
                 # (With LoRA the reference is the policy with its adapters off: no model.)
-                self.ref_model = load_reference(self.parts)
+                self.ref_model = self.load_reference()
             self._run_steps(logger)
             after = self.evaluate()
             logger.message(f"held-out accuracy after GRPO: {after['accuracy']:.3f}")
             self.save_checkpoint()
             # In the dtype a single process trains in (sharded runs keep fp32 master weights).
-            dist_mod.save_full_model(
+            lora_mod.save_full_model(
                 self.model, self.tokenizer, self.run_dir / "final", dtype=self.parts.compute_dtype
             )
             if self.parts.lora is not None:  # final/ is merged; final/adapter/ in PEFT's format
@@ -167,7 +201,7 @@ class GRPOTrainer:
         if self.parts.lora is not None:
             summary["lora"] = lora_mod.describe(self.model, self.optimizer, self.cfg.loss.beta)
         if dist_mod.is_main():
-            write_json(self.run_dir / "summary.json", summary)
+            files.write_json(self.run_dir / "summary.json", summary)
         return summary
 
     def _resume_or_cold_start(self) -> None:
@@ -261,7 +295,7 @@ class GRPOTrainer:
             if dist_mod.is_main():
                 print(f"cold start: {c.sft_steps} SFT steps, final loss {loss:.3f}", flush=True)
             # The reference of the RL stage is the cold-started policy: keep it on disk.
-            dist_mod.save_full_model(self.model, self.tokenizer, self.run_dir / "cold-start")
+            lora_mod.save_full_model(self.model, self.tokenizer, self.run_dir / "cold-start")
             if self.parts.lora is not None:
                 # The cold start's adapters become the base (the reference, with the adapters
                 # off) and GRPO's start from zero; cold-start/ holds that base, merged.
@@ -444,6 +478,19 @@ class GRPOTrainer:
         )
         return rewards_mod.score(
             self.reward_fns, rollout.texts, columns, on_error=self.cfg.data.reward_errors
+        )
+
+    def load_reference(self) -> torch.nn.Module:
+        """The frozen reference: the cold-started policy (else the initial one), from disk, on
+        the CPU with ref_on_cpu (one process only), sharded like the policy under torchrun."""
+        m, p = self.cfg.model, self.parts
+        source = self.run_dir / "cold-start"
+        if not (source / "config.json").is_file():
+            source = Path(m.path) if m.path else self.run_dir / "init-model"
+        on_cpu = m.ref_on_cpu and self.world == 1
+        device = torch.device("cpu") if on_cpu else self.device
+        return load_frozen_model(
+            source, dtype=p.dtype, device=device, world=self.world, compute_dtype=p.compute_dtype
         )
 
     def _reference_logprobs(self, rollout: Rollout) -> torch.Tensor:

@@ -24,7 +24,6 @@ import torch
 from grpo.models import load_model, make_tiny, save_model
 
 from .. import data as data_mod
-from .. import distributed as dist_mod
 from .. import lora as lora_mod
 from .. import tasks as tasks_mod
 from ..config import DEMO, DEMO_MODEL, is_demo
@@ -121,7 +120,7 @@ def run(args: argparse.Namespace) -> str:
     if lora is None:
         save_model(model, tokenizer, out)
     else:  # merged in out/; the adapters in PEFT's format in out/adapter/ (onto --model)
-        dist_mod.save_full_model(model, tokenizer, out)
+        lora_mod.save_full_model(model, tokenizer, out)
         if not demo:  # (a fresh demo model is not kept: no base to apply them to)
             lora_mod.save_adapter(model, tokenizer, out / "adapter")
     return (

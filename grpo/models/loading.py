@@ -30,6 +30,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from grpo.kernels import moe_experts
+
 from .layout import CheckpointError, ExpertPiece, check_family, to_model_name
 
 MOE_BACKENDS = ("auto", "grouped_mm", "eager", "triton")
@@ -112,8 +114,6 @@ def _triton_experts_forward(
     self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """transformers' experts interface -> grpo.kernels.moe_experts (stacked SwiGLU experts)."""
-    from grpo.kernels import moe_experts
-
     return moe_experts(hidden_states, self.gate_up_proj, self.down_proj, top_k_index, top_k_weights)
 
 

@@ -34,6 +34,7 @@ from collections.abc import Iterator
 import torch
 
 from .. import distributed
+from .. import lora as lora_mod
 from .types import Rollout, SamplingParams, rollout_from_tokens, tokenize_prompts
 
 
@@ -113,10 +114,8 @@ class VLLMEngine:
         """(HF name, full tensor) of every parameter and buffer vLLM loads; sharded (FSDP)
         parameters are gathered one at a time, by every rank in the same order. A LoRA policy
         sends its merged weights (base + adapters), under the model's own names."""
-        from ..lora import is_lora, merged_weights
-
-        if is_lora(self.model):
-            yield from merged_weights(self.model)
+        if lora_mod.is_lora(self.model):
+            yield from lora_mod.merged_weights(self.model)
             return
         names = {name for name, _ in self.model.named_parameters()}
         for name, tensor in self.model.state_dict().items():
