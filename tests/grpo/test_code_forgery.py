@@ -185,8 +185,11 @@ ROWS = {
     # Leaving early with status 0, by either door, after printing a verdict.
     "os_exit_0": WRONG + "import os\nprint('PASSED', flush=True)\nos._exit(0)\n",
     "system_exit_0": WRONG + "print('{\"passed\": true}')\nraise SystemExit(0)\n",
-    # Everything else in the sandbox killed at load.
+    # Everything else in the sandbox killed, or stopped, at load.
     "kill_all": WRONG + "import os, signal\nos.kill(-1, signal.SIGKILL)\n",
+    "stop_all": WRONG + "import os, signal\nos.kill(-1, signal.SIGSTOP)\n",
+    # An answer that is not plain data: a generator that would give the right sum.
+    "not_plain_data": "def add(a, b):\n    return (x for x in [a + b])\n",
 }
 CONTROL = "def add(a, b):\n    return a + b\n"
 
@@ -219,3 +222,87 @@ def test_control_passes(reward):
 @pytest.mark.parametrize("name", list(ROWS))
 def test_forgery_scores_zero(reward, name):
     assert scores(reward, ROWS[name]) == [0.0, 0.0], name
+
+
+# ------------------------------------------------------------------- what the grader takes
+
+FIDELITY_PROGRAM = """
+import math
+SCALE = 3
+def shape(kind):
+    values = {
+        "tuple": (1, (2, 3)), "list": [1, [2.5, None]], "set": {1, 2}, "frozen": frozenset("ab"),
+        "dict": {1: "a", (2, 3): [True]}, "bytes": b"\\x00\\xff", "complex": 1 + 2j,
+        "nan": float("nan"), "inf": float("-inf"), "big": 2 ** 100, "text": "é\\n\\"",
+    }
+    return values[kind]
+def halve(x):
+    if x < 0:
+        raise ValueError("negative")
+    return x / 2
+def helper(x):
+    return x * SCALE
+"""
+FIDELITY_TEST = """
+def check(candidate):
+    assert candidate("tuple") == (1, (2, 3)) and type(candidate("tuple")) is tuple
+    assert candidate("list") == [1, [2.5, None]]
+    assert candidate("set") == {1, 2} and candidate("frozen") == frozenset("ab")
+    assert candidate("dict") == {1: "a", (2, 3): [True]}
+    assert candidate("bytes") == b"\\x00\\xff" and candidate("complex") == 1 + 2j
+    assert candidate("nan") != candidate("nan") and candidate("inf") == float("-inf")
+    assert candidate("big") == 2 ** 100 and candidate("text") == "é\\n\\""
+    try:
+        candidate("missing")
+    except KeyError:
+        pass
+    else:
+        assert False
+"""
+# Names the test takes from the program: a function that raises, a constant, a helper and a
+# module the program imported (the test does not).
+NAMES_TEST = """
+assert halve(3) == 1.5
+try:
+    halve(-1)
+except ValueError as e:
+    assert "negative" in str(e)
+else:
+    assert False
+assert helper(2) == 2 * SCALE == 6
+assert math.isclose(halve(1), 0.5)
+"""
+
+
+def test_correct_programs_pass_through_plain_data(reward):
+    """Values of every plain type keep their type and value across the pipe, exceptions
+    keep their builtin type, and names the test takes from the program (functions,
+    constants, modules) are bound."""
+    texts = [answer(FIDELITY_PROGRAM)] * 2
+    assert reward(texts, test=[FIDELITY_TEST, NAMES_TEST], entry_point=["shape"] * 2) == [1.0] * 2
+    wrong = FIDELITY_PROGRAM.replace('"tuple": (1, (2, 3))', '"tuple": [1, [2, 3]]')
+    assert reward([answer(wrong)], test=[FIDELITY_TEST], entry_point=["shape"]) == [0.0]
+
+
+def test_tests_that_pass_objects_cannot_be_graded(reward):
+    """A test that hands the program something that is not plain data (a function) cannot be
+    graded without running the program's objects in the grader: None (does not apply), with a
+    warning, for every program alike."""
+    test = "def check(candidate):\n    assert candidate(lambda x: x + 1, 1) == 2\n"
+    program = "def apply(f, x):\n    return f(x)\n"
+    with pytest.warns(UserWarning, match="sandbox failed.*not plain data|ungradable"):
+        assert reward([answer(program)], test=[test], entry_point=["apply"]) == [None]
+
+
+def test_function_test_verdicts(reward):
+    """The program's own failures keep their verdicts: memory at load, an error, a timeout."""
+    cases = {
+        "memory": "x = bytearray(10 ** 10)\ndef add(a, b):\n    return a + b\n",
+        "runtime_error": "def add(a, b):\n    raise TypeError('no')\n",
+        "timeout": "def add(a, b):\n    while True:\n        pass\n",
+        "wrong_answer": WRONG,
+    }
+    for verdict, program in cases.items():
+        reward.pop_metrics()
+        assert reward([answer(program)], test=[CHECK], entry_point=["add"]) == [0.0]
+        assert reward.pop_metrics()[verdict] == 1, verdict
