@@ -23,7 +23,14 @@ and identical programs on identical tests are run once per call. With ``score="a
 sample stops at its first failing test; either way it stops at its first timeout. A sample
 whose test waits gives its worker to the next one at once, and one still computing after
 ``slow_after`` does too while no more than one per core have (run_parallel): timeouts
-overlap instead of queueing (a busy loop still takes its share of the CPU until then).
+overlap instead of queueing (a busy loop still takes its share of the CPU until then). One
+that waited and computes again takes its worker back.
+
+Function tests are graded by a process the program never runs in (grpo/sandbox_harness.py):
+the program answers calls with plain data, and the test's asserts run on those answers in a
+clean interpreter, so no object, global, builtin or exit path of the program can pass a test
+for it. What remains in the program's hands is its answers, and the names the test takes
+from it besides the entry point (README, Code rewards).
 """
 
 from __future__ import annotations

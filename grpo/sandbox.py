@@ -13,6 +13,9 @@ boundary. Each sample gets one sandbox start (``Sandbox.session``), in which the
   project, no run directory, no /proc, an empty environment. Run as root, the sandbox drops
   to ``nobody`` first (root is exempt from the process limit), with an interpreter
   ``nobody`` can read.
+- a cgroup per sample where one can be had (``grpo.sandbox_cgroup``: a delegated v2 subtree,
+  or v1 as root), joined before bwrap starts: ``memory_mb`` for all its processes together
+  (tmpfs pages included) and ``processes`` + 4 processes;
 - inside, rlimits: address space (``memory_mb``), processes and threads (``processes``, per
   sandbox: its own user namespace counts them), file size, open files, no core files, and
   per test CPU seconds (the timeout, rounded up, plus one);
@@ -26,14 +29,14 @@ boundary. Each sample gets one sandbox start (``Sandbox.session``), in which the
 ``kind="none"`` runs the same harness as an ordinary process (a temporary working directory,
 an empty environment, the rlimits but the process limit): nothing is isolated, so it is only
 used when asked for by name. ``run_parallel`` grades many samples at once, one per core: a
-sample whose test waits (the harness watches its CPU clock) gives its core to the next one at
-once, and up to as many again that are still computing after a while (most likely loops
-waiting out their timeouts) do too, so timeouts overlap instead of queueing while a slow
-correct program keeps at least half a core. Priorities stay as they were: deprioritizing
-slow samples would save the CPU of busy loops, but fails correct programs whose tests
-together take longer than the threshold (measured: 0 of 8 passed instead of 8 of 8), and
-letting every slow sample go fails them too (12 of 16 timed out; see
-tests/grpo/test_code_sandbox.py).
+sample whose test waits (the harness watches its CPU clock) gives its core to the next one
+at once (and takes one back when it computes again), and up to as many again that are still
+computing after a while (most likely loops waiting out their timeouts) do too, so timeouts
+overlap instead of queueing while a slow correct program keeps at least half a core.
+Priorities stay as they were: deprioritizing slow samples would save the CPU of busy loops,
+but fails correct programs whose tests together take longer than the threshold (measured: 0
+of 8 passed instead of 8 of 8), and letting every slow sample go fails them too (12 of 16
+timed out; see tests/grpo/test_code_sandbox.py).
 """
 
 from __future__ import annotations
@@ -131,7 +134,9 @@ class SandboxUnavailable(ValueError):
 @dataclass(frozen=True)
 class Limits:
     """What one test may use. timeout: wall-clock seconds per test; memory_mb: address space
-    per process; processes: processes and threads of the program at once; file_size_mb: the
+    per process and, where a cgroup per sample can be had (grpo.sandbox_cgroup), the memory
+    of all the sample's processes together; processes: processes and threads of the program
+    at once; file_size_mb: the
     largest file it may write; tmp_size_mb: its /tmp (and its /dev/shm); open_files: open
     descriptors per process; output_bytes: stdout kept (more stops the test)."""
 
