@@ -23,12 +23,20 @@ and identical programs on identical tests are run once per call. With ``score="a
 sample stops at its first failing test; either way it stops at its first timeout. A sample
 whose test waits gives its worker to the next one at once, and one still computing after
 ``slow_after`` does too while no more than one per core have (run_parallel): timeouts
-overlap instead of queueing (a busy loop still takes its share of the CPU until then).
+overlap instead of queueing (a busy loop still takes its share of the CPU until then). One
+that waited and computes again takes its worker back.
+
+Function tests are graded by a process the program never runs in (grpo/sandbox_harness.py):
+the program answers calls with plain data, and the test's asserts run on those answers in a
+clean interpreter, so no object, global, builtin or exit path of the program can pass a test
+for it. What remains in the program's hands is its answers, and the names the test takes
+from it besides the entry point (README, Code rewards).
 """
 
 from __future__ import annotations
 
 import ast
+import builtins
 import functools
 import re
 import signal
@@ -126,7 +134,8 @@ def same_output(got: str, expected: str) -> bool:
 @dataclass(frozen=True)
 class _Job:
     """One sample's program and tests: stdio cases are (stdin, expected stdout), function
-    cases (test code, whether it defines check(candidate))."""
+    cases (test code, (whether it defines check(candidate), the names it takes from the
+    program))."""
 
     mode: str
     program: str
@@ -149,12 +158,28 @@ def _strings(value: Any, column: str) -> list[str]:
 
 
 @functools.lru_cache(maxsize=4096)  # the G completions of an example share its tests
-def _defines_check(code: str) -> bool:
+def _test_shape(code: str) -> tuple[bool, tuple[str, ...]]:
+    """(whether a test defines check(candidate), the names it takes from the program: read
+    and never bound in the test, and not builtins). A name bound anywhere in the test counts
+    as the test's own: a miss is a NameError in the grader, never the program's definition."""
     try:
         tree = ast.parse(code)
     except SyntaxError as e:
         raise ValueError(f"code reward: a 'test' is not valid Python: {e}") from e
-    return any(isinstance(node, ast.FunctionDef) and node.name == "check" for node in tree.body)
+    check = any(isinstance(node, ast.FunctionDef) and node.name == "check" for node in tree.body)
+    read, bound = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            (read if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, ast.alias):
+            bound.add((node.asname or node.name).split(".")[0])
+        elif isinstance(node, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)) and node.name:
+            bound.add(node.name)
+    return check, tuple(sorted(read - bound - set(dir(builtins))))
 
 
 def _cases(inputs: Any, outputs: Any, test: Any, entry_point: Any) -> tuple[str, tuple] | None:
@@ -171,12 +196,12 @@ def _cases(inputs: Any, outputs: Any, test: Any, entry_point: Any) -> tuple[str,
     if test is None:
         return None
     tests = [test] if isinstance(test, str) else _strings(test, "test")
-    checks = [_defines_check(t) for t in tests]
-    if any(checks) and not isinstance(entry_point, str):
+    shapes = [_test_shape(t) for t in tests]
+    if any(check for check, _ in shapes) and not isinstance(entry_point, str):
         raise ValueError(
             "code reward: a 'test' defines check(candidate) but 'entry_point' is missing"
         )
-    return "function", tuple(zip(tests, checks, strict=True))
+    return "function", tuple(zip(tests, shapes, strict=True))
 
 
 def _column(columns: dict[str, Any], name: str, i: int) -> Any:
@@ -190,6 +215,10 @@ def _verdict(run: Run, job: _Job, expected: Any) -> str:
         return "sandbox_error"  # the harness could not set the test up: no program ran
     if run.status in ("timeout", "output_limit"):
         return run.status
+    if job.mode == "function" and run.passed:
+        return "passed"  # the grader's word, the only way to pass (code and stdout are not)
+    if run.status == "ungradable":  # the dataset's test, not the program
+        return "sandbox_error"
     if run.status in ("crashed", "fork_failed"):  # the program killed the harness, or
         return "runtime_error"  # its processes filled the process limit
     if run.status == "signal":
@@ -201,13 +230,10 @@ def _verdict(run: Run, job: _Job, expected: Any) -> str:
         return "memory"
     if run.code == ASSERT_EXIT and job.mode == "function":
         return "wrong_answer"  # an assert of the tests failed
-    if run.code != 0:
+    if run.code != 0 or job.mode == "function":
         return "runtime_error"
-    if job.mode == "stdio":
-        got = run.stdout.decode("utf-8", "replace")
-        return "passed" if same_output(got, expected) else "wrong_answer"
-    # Status 0 without the token: it left before the tests finished (sys.exit, os._exit).
-    return "passed" if run.token_ok else "runtime_error"
+    got = run.stdout.decode("utf-8", "replace")
+    return "passed" if same_output(got, expected) else "wrong_answer"
 
 
 def _grade(sandbox: Sandbox, job: _Job, stop_at_failure: bool) -> _Grade:
@@ -219,12 +245,12 @@ def _grade(sandbox: Sandbox, job: _Job, stop_at_failure: bool) -> _Grade:
                 if job.mode == "stdio":
                     run = session.run(stdin=case)
                 else:
-                    run = session.run(test=case, check=extra)
+                    run = session.run(test=case, check=extra[0], names=extra[1])
                 verdict = _verdict(run, job, extra)
                 if verdict == "sandbox_error":
                     if first_failure:  # the program's own failure stands: no None for it
                         break
-                    return _Grade(0, len(job.cases), verdict, run.stderr)
+                    return _Grade(0, len(job.cases), verdict, run.stderr or run.status)
                 if verdict == "passed":
                     passed += 1
                     continue

@@ -105,7 +105,11 @@ class DataConfig:
     code_timeout: float = _f(
         5.0, "code reward: wall-clock seconds per test (CPU seconds: this rounded up, plus 1)"
     )
-    code_memory_mb: int = _f(1024, "code reward: address space of each process of a program, MB")
+    code_memory_mb: int = _f(
+        1024,
+        "code reward: memory of all the processes of a sample together (a cgroup, where one "
+        "can be had) and address space of each, MB",
+    )
     code_sandbox: str = _f(
         "bwrap",
         "code reward: where programs run: bwrap (bubblewrap: apt-get install bubblewrap) or "

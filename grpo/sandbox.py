@@ -13,6 +13,9 @@ boundary. Each sample gets one sandbox start (``Sandbox.session``), in which the
   project, no run directory, no /proc, an empty environment. Run as root, the sandbox drops
   to ``nobody`` first (root is exempt from the process limit), with an interpreter
   ``nobody`` can read.
+- a cgroup per sample where one can be had (``grpo.sandbox_cgroup``: a delegated v2 subtree,
+  or v1 as root), joined before bwrap starts: ``memory_mb`` for all its processes together
+  (tmpfs pages included) and ``processes`` + 4 processes;
 - inside, rlimits: address space (``memory_mb``), processes and threads (``processes``, per
   sandbox: its own user namespace counts them), file size, open files, no core files, and
   per test CPU seconds (the timeout, rounded up, plus one);
@@ -26,14 +29,14 @@ boundary. Each sample gets one sandbox start (``Sandbox.session``), in which the
 ``kind="none"`` runs the same harness as an ordinary process (a temporary working directory,
 an empty environment, the rlimits but the process limit): nothing is isolated, so it is only
 used when asked for by name. ``run_parallel`` grades many samples at once, one per core: a
-sample whose test waits (the harness watches its CPU clock) gives its core to the next one at
-once, and up to as many again that are still computing after a while (most likely loops
-waiting out their timeouts) do too, so timeouts overlap instead of queueing while a slow
-correct program keeps at least half a core. Priorities stay as they were: deprioritizing
-slow samples would save the CPU of busy loops, but fails correct programs whose tests
-together take longer than the threshold (measured: 0 of 8 passed instead of 8 of 8), and
-letting every slow sample go fails them too (12 of 16 timed out; see
-tests/grpo/test_code_sandbox.py).
+sample whose test waits (the harness watches its CPU clock) gives its core to the next one
+at once (and takes one back when it computes again), and up to as many again that are still
+computing after a while (most likely loops waiting out their timeouts) do too, so timeouts
+overlap instead of queueing while a slow correct program keeps at least half a core.
+Priorities stay as they were: deprioritizing slow samples would save the CPU of busy loops,
+but fails correct programs whose tests together take longer than the threshold (measured: 0
+of 8 passed instead of 8 of 8), and letting every slow sample go fails them too (12 of 16
+timed out; see tests/grpo/test_code_sandbox.py).
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .sandbox_harness import ASSERT_EXIT, MEMORY_EXIT, SETUP_EXIT
+from .sandbox_cgroup import Cgroup, Cgroups
+from .sandbox_harness import ASSERT_EXIT, MEMORY_EXIT, SETUP_EXIT, UNGRADABLE_EXIT
 
 __all__ = [
     "ASSERT_EXIT",
@@ -68,6 +72,7 @@ __all__ = [
     "NONE_WARNING",
     "SANDBOXES",
     "SETUP_EXIT",
+    "UNGRADABLE_EXIT",
     "Limits",
     "Run",
     "Sandbox",
@@ -129,7 +134,9 @@ class SandboxUnavailable(ValueError):
 @dataclass(frozen=True)
 class Limits:
     """What one test may use. timeout: wall-clock seconds per test; memory_mb: address space
-    per process; processes: processes and threads of the program at once; file_size_mb: the
+    per process and, where a cgroup per sample can be had (grpo.sandbox_cgroup), the memory
+    of all the sample's processes together; processes: processes and threads of the program
+    at once; file_size_mb: the
     largest file it may write; tmp_size_mb: its /tmp (and its /dev/shm); open_files: open
     descriptors per process; output_bytes: stdout kept (more stops the test)."""
 
@@ -171,16 +178,21 @@ class Limits:
 @dataclass
 class Run:
     """One test as the harness saw it. status: "exit" (code), "signal" (signal), "timeout",
-    "output_limit", "fork_failed", or "crashed" (the harness died: the program killed it).
-    started: the test's child got as far as running the program (False: the harness failed
-    to set it up, which no program can fake)."""
+    "output_limit", "fork_failed", "crashed" (the harness died: the program killed it), or
+    "ungradable" (a function test passes the program something that is not plain data).
+    started: the test's children got as far as running the program (False: the harness
+    failed to set it up, which no program can fake). passed: a function test's grader ran
+    the test to its end against the program's answers (the one way a function test passes).
+    For a function test whose program broke off (died, closed its pipe, sent something
+    that is not an answer), status and code are the program's: an error, or its memory or
+    CPU limit."""
 
     status: str
     code: int | None = None
     signal: int | None = None
     stdout: bytes = b""
     stderr: str = ""
-    token_ok: bool = False
+    passed: bool = False
     seconds: float = 0.0
     started: bool = True
 
@@ -236,6 +248,12 @@ def _interpreter_binds(python: str) -> list[str]:
     return args
 
 
+def _cgroup_pids(limits: Limits) -> int:
+    """pids.max of a sample: its program's processes, and bwrap, its init, the harness and a
+    function test's grader."""
+    return limits.processes + 4
+
+
 class Sandbox:
     """Starts sandboxed sessions for one kind ("bwrap" or "none"), limits and interpreter."""
 
@@ -251,6 +269,23 @@ class Sandbox:
         # Without setpriv (see _drop_root), subprocess changes the user of a root sandbox.
         root = kind == "bwrap" and os.geteuid() == 0 and not _drop_root()
         self.user_kwargs = {"user": _NOBODY, "group": _NOBODY, "extra_groups": []} if root else {}
+        # A cgroup per sample bounds its processes together; without one (or when nobody
+        # would have to join it) the rlimits alone bound each process.
+        self.cgroups = None if self.user_kwargs else Cgroups.find()
+
+    def bound(self) -> str:
+        """The memory and process bound a sample gets on this machine, in words."""
+        limits = self.limits
+        if self.cgroups is None:
+            return (
+                f"no cgroup: {limits.memory_mb} MB of address space per process, "
+                f"{limits.processes} processes per sandbox (rlimits)"
+            )
+        return (
+            f"cgroup v{self.cgroups.version}: {limits.memory_mb} MB for all the processes of a "
+            f"sample together, {_cgroup_pids(limits)} processes (and {limits.memory_mb} MB "
+            f"of address space per process)"
+        )
 
     def _command_prefix(self) -> list[str]:
         if self.kind == "none":
@@ -274,11 +309,13 @@ class Sandbox:
             *(self.python, "-I", "-S", "-c", _BOOT),
         ]
 
-    def command(self, result_fd: int) -> list[str]:
-        """The command line of a session whose harness answers on result_fd."""
+    def command(self, result_fd: int, test_fd: int | None = None) -> list[str]:
+        """The command line of a session whose harness answers on result_fd (and whose
+        function tests' graders read their tests on test_fd)."""
         if not self._prefix:
             raise SandboxUnavailable(f"bubblewrap (bwrap) is not installed: {INSTALL_HINT}")
-        return [*self._prefix, str(result_fd), "1" if self.kind == "bwrap" else "0"]
+        tests = [] if test_fd is None else [str(test_fd)]
+        return [*self._prefix, str(result_fd), "1" if self.kind == "bwrap" else "0", *tests]
 
     def session(self, mode: str, program: str, entry_point: str | None = None) -> Session:
         """A started sandbox holding `program`, ready to run tests ("stdio" or "function"
@@ -371,20 +408,37 @@ class Session:
         self.dead = False
         code, paths = _harness_code(sandbox.python) if sandbox._prefix else (b"", [])
         read_fd, write_fd = os.pipe()
+        # Function tests travel on a pipe of their own, which only each test's grader reads:
+        # the harness, and so the program forked from it, never holds a test's source.
+        test_r, self._tests = os.pipe() if mode == "function" else (None, None)
         try:
-            command = sandbox.command(write_fd)  # SandboxUnavailable without bwrap
+            command = sandbox.command(write_fd, test_r)  # SandboxUnavailable without bwrap
         except SandboxUnavailable:
-            os.close(read_fd)
-            os.close(write_fd)
+            for fd in (read_fd, write_fd, test_r, self._tests):
+                if fd is not None:
+                    os.close(fd)
             raise
         self._workdir = tempfile.mkdtemp(prefix="grpo-sandbox-") if sandbox.kind == "none" else None
+        self._cgroup: Cgroup | None = None
+        if sandbox.cgroups is not None:
+            try:
+                self._cgroup = sandbox.cgroups.create(
+                    self.limits.memory_mb << 20, _cgroup_pids(self.limits)
+                )
+            except OSError as e:
+                for fd in (read_fd, write_fd, test_r, self._tests):
+                    if fd is not None:
+                        os.close(fd)
+                self._remove_workdir()
+                raise SandboxError(f"cannot create the sample's cgroup: {e}") from e
+            command = self._cgroup.wrap(command)
         try:
             self._proc = subprocess.Popen(
                 command,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
-                pass_fds=(write_fd,),
+                pass_fds=(write_fd,) if test_r is None else (write_fd, test_r),
                 env={},  # bwrap's own environment (its init's) is the sandbox's to read
                 cwd=self._workdir or "/",
                 start_new_session=True,
@@ -392,10 +446,16 @@ class Session:
             )
         except OSError as e:
             os.close(read_fd)
+            if self._tests is not None:
+                os.close(self._tests)
             self._remove_workdir()
+            if self._cgroup is not None:
+                self._cgroup.remove()
             raise SandboxError(f"cannot start the sandbox: {e}") from e
         finally:
             os.close(write_fd)
+            if test_r is not None:
+                os.close(test_r)
         self._results = _LineReader(read_fd)
         job = {
             "mode": mode,
@@ -416,18 +476,31 @@ class Session:
             self.close()
             raise SandboxError(error)
 
-    def run(self, stdin: str = "", test: str | None = None, check: bool = False) -> Run:
-        """One test: the program on `stdin` (stdio mode), or `test` run after it, calling
-        check(entry_point) when `check` (function mode)."""
+    def run(
+        self,
+        stdin: str = "",
+        test: str | None = None,
+        check: bool = False,
+        names: Sequence[str] = (),
+    ) -> Run:
+        """One test: the program on `stdin` (stdio mode), or `test` run against it, calling
+        check(entry_point) when `check`, with `names` (the names the test takes from the
+        program) bound to the program's (function mode)."""
         if self.dead:
             raise SandboxError("the session is closed")
         deadline = time.monotonic() + self.limits.timeout + _GRACE_SECONDS
-        command = {"op": "run", "stdin": stdin, "test": test, "check": check}
+        command = {"op": "run", "stdin": stdin, "check": check, "names": list(names)}
         try:
-            line = self._send(command, deadline) and self._results.readline(deadline)
+            sent = self._send(command, deadline)
+            if sent and self._tests is not None:
+                source = (test or "").encode("utf-8", "surrogateescape")
+                frame = len(source).to_bytes(4, "little") + source
+                sent = self._send(b"", deadline, frame, self._tests)
+            line = sent and self._results.readline(deadline)
             message = _parse(line) if line else None
-            while message is not None and message.get("idle"):  # the test waits: see
-                _report_idle()  # run_parallel
+            while message is not None and (message.get("idle") or message.get("busy")):
+                # The test waits, or computes again after waiting: see run_parallel.
+                _report_idle() if message.get("idle") else _report_busy()
                 line = self._results.readline(deadline)
                 message = _parse(line) if line else None
         except TimeoutError:  # the harness is stuck (stopped by the program?): end it all
@@ -435,7 +508,10 @@ class Session:
             return Run("timeout", seconds=self.limits.timeout)
         if message is None:  # the harness is gone or garbled: only the program could do that
             stderr = self._stderr()
+            oom = self._cgroup is not None and self._cgroup.oom_killed()
             self.close()
+            if oom:  # the sample's memory bound: the kernel killed the harness, or bwrap
+                return Run("signal", signal=signal.SIGKILL, stderr=stderr)
             return Run("crashed", stderr=stderr)
         return Run(
             status=message["status"],
@@ -443,17 +519,22 @@ class Session:
             signal=message.get("signal"),
             stdout=base64.b64decode(message.get("stdout", "")),
             stderr=_text(message.get("stderr", "")),
-            token_ok=bool(message.get("token_ok")),
+            passed=bool(message.get("passed")),
             seconds=float(message.get("seconds", 0.0)),
             started=bool(message.get("started", True)),
         )
 
-    def _send(self, message: dict, deadline: float, before: bytes = b"") -> bool:
+    def _send(
+        self, message: dict | bytes, deadline: float, before: bytes = b"", fd: int | None = None
+    ) -> bool:
         """Write one command (a length, then marshal: the harness need not import json),
-        after `before`; False when the harness no longer reads."""
-        payload = marshal.dumps(message, 4)  # version 4: read by every Python 3 since 3.4
-        data = before + len(payload).to_bytes(4, "little") + payload
-        fd = self._proc.stdin.fileno()
+        after `before`, to the harness's stdin or `fd` (a message b"": only `before`); False
+        when the harness no longer reads."""
+        data = before
+        if message != b"":
+            payload = marshal.dumps(message, 4)  # version 4: read by every Python 3 since 3.4
+            data += len(payload).to_bytes(4, "little") + payload
+        fd = self._proc.stdin.fileno() if fd is None else fd
         os.set_blocking(fd, False)
         while data:
             left = deadline - time.monotonic()
@@ -496,11 +577,17 @@ class Session:
             pass
         proc.stderr.close()
         self._results.close()
+        if self._tests is not None:
+            os.close(self._tests)
+            self._tests = None
         self._remove_workdir()
 
     def _remove_workdir(self) -> None:
         if self._workdir:
             shutil.rmtree(self._workdir, ignore_errors=True)
+        if self._cgroup is not None:
+            self._cgroup.remove()
+            self._cgroup = None
 
     def __enter__(self) -> Session:
         return self
@@ -581,6 +668,13 @@ def _report_idle() -> None:
         hook()
 
 
+def _report_busy() -> None:
+    """The current run_parallel call computes again after it waited: it takes a core back."""
+    hook = getattr(_WORKER, "busy", None)
+    if hook is not None:
+        hook()
+
+
 def run_parallel(
     fn: Callable[[T], R],
     items: Sequence[T],
@@ -600,46 +694,58 @@ def run_parallel(
     than `workers` calls have been let go that way: loops overlap with the rest of the batch,
     and no more than twice the cores compute at once, so a slow correct program keeps at least
     half a core (letting every slow call go, a batch of slow correct programs would share the
-    cores until they all timed out). `max_running` bounds the calls in flight (memory).
+    cores until they all timed out). A call that waited and then computes again (the sandbox
+    reports that too) takes a place back at once, over the count if it must (no new item
+    starts until the count is back under `workers`), and is let go again only as a slow one:
+    sleeping first earns no free core. `max_running` bounds the calls in flight (memory).
     """
     n = len(items)
     if n == 0:
         return []
     workers = workers or cpu_count()
-    slots = threading.Semaphore(workers)
+    places = threading.Condition()
     holding: dict[int, float] = {}  # index -> start, while it holds a place
     slow: set[int] = set()  # let go after slow_after, still computing
-    lock = threading.Lock()
+    waiting: set[int] = set()  # let go because it waits
     finished = threading.Event()
 
     def let_go(i: int) -> bool:  # under the lock
         if holding.pop(i, None) is None:
             return False
-        slots.release()
+        places.notify_all()
         return True
 
     def idle(i: int) -> None:
-        with lock:
+        with places:
             if not let_go(i):
                 slow.discard(i)
+            waiting.add(i)
+
+    def busy(i: int) -> None:
+        with places:
+            if i in waiting:
+                waiting.discard(i)
+                holding[i] = time.monotonic()
 
     def call(i: int) -> R:
-        slots.acquire()
-        with lock:
+        with places:
+            places.wait_for(lambda: len(holding) < workers)
             holding[i] = time.monotonic()
         _WORKER.idle = functools.partial(idle, i)
+        _WORKER.busy = functools.partial(busy, i)
         try:
             return fn(items[i])
         finally:
-            _WORKER.idle = None
-            with lock:
+            _WORKER.idle = _WORKER.busy = None
+            with places:
                 let_go(i)
                 slow.discard(i)
+                waiting.discard(i)
 
     def watch() -> None:
         while not finished.wait(min(0.05, slow_after / 4)):
             now = time.monotonic()
-            with lock:
+            with places:
                 for i, started in sorted(holding.items(), key=lambda kv: kv[1]):
                     if len(slow) >= workers or now - started <= slow_after:
                         break

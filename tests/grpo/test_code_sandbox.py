@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from grpo import sandbox as sandbox_mod
+from grpo import sandbox_cgroup
 from grpo.code_reward import CodeReward, CodeSettings
 from grpo.sandbox import (
     ASSERT_EXIT,
@@ -23,6 +25,7 @@ from grpo.sandbox import (
     Limits,
     Sandbox,
     SandboxUnavailable,
+    run_parallel,
 )
 
 TIMEOUT = 1.5  # per test: short, so the cases that loop stay fast
@@ -149,6 +152,41 @@ def test_memory_bomb(reward):
     assert verdict(reward, "x = bytearray(10 ** 10)") == "memory"
     grow = "xs = []\nwhile True:\n    xs.append(bytes(1 << 26))"  # calloc: no page touched
     assert verdict(reward, grow) == "memory"
+
+
+def test_memory_bound_holds_per_sample(sandbox, monkeypatch):
+    """Four children of 200 MB each under a 512 MB limit: each fits its own address space,
+    together they do not. With a cgroup per sample the program fails (a child is killed)
+    and the sample never held more than the bound; without one, the rlimits are all there
+    is (per process), which this test cannot check."""
+    limits = Limits(timeout=10.0, memory_mb=512)
+    box = Sandbox("bwrap", limits)
+    if box.cgroups is None:
+        pytest.skip(f"no cgroup to be had here: {box.bound()}")
+    peaks = []
+    remove = sandbox_cgroup.Cgroup.remove
+
+    def record(self):
+        peaks.append(self.peak_bytes())
+        remove(self)
+
+    monkeypatch.setattr(sandbox_cgroup.Cgroup, "remove", record)
+    program = (
+        "import os\nkids = []\n"
+        "for _ in range(4):\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        block = b'x' * (200 << 20)\n"  # written: every page is touched
+        "        import time\n        time.sleep(1)\n        os._exit(0)\n"
+        "    kids.append(pid)\n"
+        "print('ok' if all(os.waitpid(p, 0)[1] == 0 for p in kids) else 'killed')\n"
+    )
+    reward = CodeReward(CodeSettings(limits=limits))
+    assert reward([answer(program)], inputs=[[""]], outputs=[["ok"]]) == [0.0]
+    assert peaks and all(p is None or p <= (limits.memory_mb << 20) for p in peaks), peaks
+    # One child alone fits, as it did before.
+    alone = program.replace("range(4)", "range(1)")
+    assert reward([answer(alone)], inputs=[[""]], outputs=[["ok"]]) == [1.0]
 
 
 def test_one_gigabyte_of_output(sandbox, reward):
@@ -418,6 +456,51 @@ def test_slow_correct_programs_are_not_starved_into_timeouts():
     programs = [answer(burn.format(cpu=0.4 * timeout, i=i)) for i in range(16)]
     scores = reward(programs, inputs=[[""]] * 16, outputs=[["ok"]] * 16)
     assert scores == [1.0] * 16, reward.pop_metrics()
+
+
+def test_computing_again_after_waiting_takes_a_place_back():
+    """run_parallel: a call that reports itself idle and then busy again holds a place
+    again, so no new item starts beside it. Six such calls on one worker: at most two compute
+    at once (the one holding the place, the one that came back), not all six."""
+    computing, most = [0], [0]
+    lock = threading.Lock()
+
+    def phase(seconds):
+        with lock:
+            computing[0] += 1
+            most[0] = max(most[0], computing[0])
+        time.sleep(seconds)
+        with lock:
+            computing[0] -= 1
+
+    def sample(i):
+        phase(0.05)
+        sandbox_mod._report_idle()
+        time.sleep(0.05)
+        sandbox_mod._report_busy()
+        phase(0.15)
+        return i
+
+    assert run_parallel(sample, range(6), workers=1, slow_after=10.0) == list(range(6))
+    assert most[0] <= 2, most[0]
+
+
+def test_sleeping_then_spinning_does_not_rob_correct_programs():
+    """Programs that sleep (reported idle: they give their worker up), then spin until their
+    timeout, beside correct programs that need 0.3 of the timeout in CPU: the spinners take
+    their places back when they compute again, so the correct programs keep their share and
+    pass (before, every spinner computed beside them and they timed out)."""
+    timeout = 2.0
+    reward = CodeReward(CodeSettings(limits=Limits(timeout=timeout), workers=1))
+    spin = "import time  # {i}\ntime.sleep(0.3)\nwhile True:\n    pass"
+    burn = (
+        "import time\nend = time.process_time() + {cpu}\nwhile time.process_time() < end:\n"
+        "    pass\nprint('ok')  # {i}"
+    )
+    programs = [answer(spin.format(i=i)) for i in range(6)]
+    programs += [answer(burn.format(cpu=0.3 * timeout, i=i)) for i in range(2)]
+    scores = reward(programs, inputs=[[""]] * 8, outputs=[["ok"]] * 8)
+    assert scores == [0.0] * 6 + [1.0] * 2, reward.pop_metrics()
 
 
 def test_missing_bwrap_says_how_to_install(monkeypatch):
