@@ -33,9 +33,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import common
-from grpo.code_reward import CodeReward, CodeSettings, same_output, slow_after
 from grpo.sandbox import Limits, Sandbox, cpu_count, run_parallel
+
+from benchmarks import common
+from grpo.rewards.code import CodeReward, CodeSettings, same_output, slow_after
 
 PROVIDERS = ("bwrap", "none", "plain")
 WORKLOADS = ("correct", "wrong", "timeouts", "waits")

@@ -24,7 +24,6 @@ from grpo.models import load_model, make_tiny
 from grpo.models.layout import MOE_FAMILIES
 from grpo.models.routing_replay import RoutingReplay
 
-from . import code_reward as code_mod
 from . import data as data_mod
 from . import distributed as dist_mod
 from . import files
@@ -42,6 +41,7 @@ from .config import (
     resume_mismatches,
 )
 from .policy import PolicyForward
+from .rewards import code as code_mod
 from .rollout import SamplingParams, make_engine
 from .trainer import GRPOTrainer, TrainerParts
 

@@ -95,7 +95,7 @@ class DataConfig:
         "held-out prompts, never trained on (None: 200, or a fifth of a --data file of "
         "fewer than 1000 examples)",
     )
-    # The code reward (grpo.code_reward): programs run against the example's tests.
+    # The code reward (grpo.rewards.code): programs run against the example's tests.
     code_score: str = _f(
         "all",
         "code reward: all (1 when every test passes, else 0, as R1) or pass_rate (the "

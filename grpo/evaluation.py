@@ -22,13 +22,13 @@ from tqdm import tqdm
 
 from grpo.models import load_model
 
-from . import code_reward as code_mod
 from . import data as data_mod
 from . import distributed as dist_mod
 from . import lora as lora_mod
 from . import rewards as rewards_mod
 from . import tasks as tasks_mod
 from .config import DEMO
+from .rewards import code as code_mod
 from .rollout import SamplingParams, make_engine
 
 __all__ = [
@@ -46,7 +46,6 @@ __all__ = [
     "rejection_filter",
     "resolve_completion_length",
     "resolve_template",
-    "reward_columns",
     "reward_functions",
     "sample_and_score",
     "summarize",
@@ -208,34 +207,6 @@ def prompt_examples(
 # --- sampling and scoring -------------------------------------------------------------------
 
 
-def example_columns(examples: Sequence[dict]) -> list[str]:
-    """The example columns reward functions get (every column but the prompt). Every
-    example's keys, not the first one's: a dataset may mix shapes (the code reward's
-    stdin/stdout and function tests), and a missing column is None for that example."""
-    return [key for key in dict.fromkeys(k for ex in examples for k in ex) if key != "prompt"]
-
-
-def reward_columns(
-    examples: Sequence[dict],
-    group_size: int,
-    completion_lengths: list[int],
-    truncated: list[bool],
-    max_completion_length: int,
-) -> dict[str, Any]:
-    """The keyword columns reward functions get for group_size completions per example, in
-    the trainer's layout: example columns repeated per completion (the raw question as
-    "prompts"), completion lengths, truncation flags and max_completion_length."""
-    columns = {
-        key: [ex.get(key) for ex in examples for _ in range(group_size)]
-        for key in example_columns(examples)
-    }
-    columns["prompts"] = [ex["prompt"] for ex in examples for _ in range(group_size)]
-    columns["completion_lengths"] = completion_lengths
-    columns["truncated"] = truncated
-    columns["max_completion_length"] = max_completion_length
-    return columns
-
-
 @dataclass
 class Samples:
     """k scored completions for each of P prompts, in sampling order."""
@@ -391,7 +362,7 @@ def _score_samples(
 ) -> Samples:
     """Score k completions per example with reward_fns, as a GRPO step scores them, and
     group them per prompt."""
-    columns = reward_columns(
+    columns = rewards_mod.reward_columns(
         examples, k, lengths.tolist(), truncated.tolist(), max_completion_length
     )
     rewards, _ = rewards_mod.score(reward_fns, texts, columns)

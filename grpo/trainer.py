@@ -42,7 +42,7 @@ from . import rewards as rewards_mod
 from . import tasks as tasks_mod
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import GRPOConfig
-from .evaluation import example_columns, greedy_accuracy, reward_columns
+from .evaluation import greedy_accuracy
 from .metrics import (
     RunLogger,
     SilentLogger,
@@ -408,7 +408,7 @@ class GRPOTrainer:
         # also for scale_rewards="batch" (groups never straddle ranks).
         all_rewards, offset = dist_mod.gather_rows(rewards)
         # Every rank sees every rank's rewards: all stop together or none does.
-        self.unscored.update(all_rewards, example_columns([k[0] for k in kept]))
+        self.unscored.update(all_rewards, rewards_mod.example_columns([k[0] for k in kept]))
         advantages, adv_stats = kernels.group_advantages(
             all_rewards.to(self.device),
             g,
@@ -469,7 +469,7 @@ class GRPOTrainer:
 
     def _score(self, examples: list[dict], rollout: Rollout) -> tuple[torch.Tensor, dict]:
         s = self.cfg.sampling
-        columns = reward_columns(
+        columns = rewards_mod.reward_columns(
             examples,
             s.num_generations,
             rollout.lengths.tolist(),

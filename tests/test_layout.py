@@ -64,8 +64,12 @@ def _wheel_top_level() -> set[str]:
     """Top-level import names the wheel installs, from pyproject's package discovery."""
     find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     include = find["packages"]["find"]["include"]
-    return {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()
-            and any(fnmatch.fnmatch(p.name, pattern) for pattern in include)}
+    return {
+        p.name
+        for p in ROOT.iterdir()
+        if (p / "__init__.py").is_file()
+        and any(fnmatch.fnmatch(p.name, pattern) for pattern in include)
+    }
 
 
 @pytest.mark.parametrize("module,path", _modules("grpo/kernels"), ids=lambda v: str(v))
@@ -123,8 +127,13 @@ def test_no_top_level_name_shadows_an_installed_distribution():
 def _run(code: str) -> subprocess.CompletedProcess:
     # From the checkout's root with `python -c`: the root is first on sys.path, as for pytest,
     # `python -m grpo.cli.train` and the editable install, which is where the clash bit.
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_import_grpo_kernels_stays_light():
@@ -188,6 +197,95 @@ def test_documented_snippets_run_as_written(where, code, tmp_path):
     """Each snippet runs as a user would paste it: a new interpreter in an empty directory,
     the kernels on their CPU reference path (no interpreter flag)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, f"{where}:\n{done.stderr[-3000:]}"
+
+
+def _graph() -> dict[str, set[str]]:
+    """Module -> our modules it imports at module level. Importing a.b.c runs a/__init__ and
+    a/b/__init__ first, so each import also reaches the packages above the target."""
+    modules = dict(_modules("grpo"))
+    graph: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        edges = set()
+        for name in _ours(_imports(module, path)):
+            while name and name not in modules:  # `from grpo.x import f`: the module grpo.x
+                name = name.rpartition(".")[0]
+            parts = name.split(".")
+            edges.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        graph[module] = {e for e in edges if e in modules and e != module}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, found, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_circles():
+    """Imports run downward only. A package's __init__ that imports its own submodules is not
+    a circle (the package is their parent), so edges from a module to its parents are left
+    out of the search; an import of a.b.c counts as an import of a.b's __init__ too."""
+    graph = _graph()
+    downward = {m: {e for e in edges if not m.startswith(e + ".")} for m, edges in graph.items()}
+    assert _cycles(downward) == []
+
+
+def test_no_imports_of_our_modules_inside_functions():
+    found = []
+    for _, path in _modules("grpo"):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and node.level:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+                elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                    names = (
+                        [a.name for a in node.names]
+                        if isinstance(node, ast.Import)
+                        else [node.module or ""]
+                    )
+                    if _ours(set(names)):
+                        found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not found, "imports of our own modules inside functions: " + ", ".join(found)
+
+
+def test_no_noqa_e402():
+    found = [str(p.relative_to(ROOT)) for _, p in _modules("grpo") if "noqa: E402" in p.read_text()]
+    assert not found, f"module-level imports below code: {found}"

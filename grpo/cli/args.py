@@ -29,7 +29,6 @@ from typing import Any
 import torch
 
 from .. import files
-from ..code_reward import CodeSettings, settings_from
 from ..config import DataConfig
 from ..evaluation import (
     Samples,
@@ -42,6 +41,7 @@ from ..evaluation import (
     sample_and_score,
 )
 from ..rewards import RewardError
+from ..rewards.code import CodeSettings, settings_from
 from ..tasks import Task
 
 # Bad input (a missing file, a malformed dataset or checkpoint, a reward that cannot run): a

@@ -10,7 +10,7 @@ rate; with --greedy also the greedy accuracy that grpo-train's evaluate() report
 tasks use the held-out prompts of grpo-train with the same --seed and --eval-size; a JSONL
 file (--data) is used whole. The rewards are the training ones (the task's, plus --reward);
 with --data and --reward code, the programs are run against the dataset's tests
-(grpo.code_reward) and pass@k counts the samples that pass them all.
+(grpo.rewards.code) and pass@k counts the samples that pass them all.
 The metrics are grpo.evaluation's (summarize); this module parses, prints and writes.
 """
 

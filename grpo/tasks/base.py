@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    # Annotations only: grpo.rewards imports the task modules (to name their rewards), and
-    # this module is the one they all load first, so it must not import grpo.rewards back.
-    from ..rewards import RewardFn
+from ..rewards import RewardFn
 
 __all__ = ["Task", "worked_answer"]
 

@@ -16,8 +16,8 @@ import shutil
 
 import pytest
 
-from grpo.code_reward import CodeReward, CodeSettings
-from grpo.sandbox import Limits, Sandbox, SandboxUnavailable
+from grpo.rewards.code import CodeReward, CodeSettings
+from grpo.rewards.sandbox import Limits, Sandbox, SandboxUnavailable
 
 ASSERTS = [
     "assert add(1, 2) == 3\n",

@@ -11,19 +11,25 @@ from pathlib import Path
 
 import pytest
 
-import grpo.code_reward as code_mod
-from grpo import sandbox as sandbox_mod
+import grpo.rewards.code as code_mod
 from grpo.build import build_trainer
 from grpo.cli import eval as eval_cli
 from grpo.cli import sft as sft_cli
-from grpo.code_reward import CodeReward, CodeSettings, extract_program, same_output
 from grpo.config import GRPOConfig, parse_config
 from grpo.data import load_jsonl
-from grpo.evaluation import reward_columns
 from grpo.metrics import read_metrics
 from grpo.models import make_tiny
-from grpo.rewards import REWARDS, correctness_reward, format_reward, resolve_reward, score
-from grpo.sandbox import Limits, SandboxError, SandboxUnavailable
+from grpo.rewards import (
+    REWARDS,
+    correctness_reward,
+    format_reward,
+    resolve_reward,
+    reward_columns,
+    score,
+)
+from grpo.rewards import sandbox as sandbox_mod
+from grpo.rewards.code import CodeReward, CodeSettings, extract_program, same_output
+from grpo.rewards.sandbox import Limits, SandboxError, SandboxUnavailable
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "code"
 SUM = ["1 2\n", "3 4\n", "5\n", "0 0\n", "-1 1\n"]

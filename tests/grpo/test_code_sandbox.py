@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from grpo import sandbox as sandbox_mod
-from grpo import sandbox_cgroup
-from grpo.code_reward import CodeReward, CodeSettings
-from grpo.sandbox import (
+from grpo.rewards import sandbox as sandbox_mod
+from grpo.rewards import sandbox_cgroup
+from grpo.rewards.code import CodeReward, CodeSettings
+from grpo.rewards.sandbox import (
     ASSERT_EXIT,
     MEMORY_EXIT,
     SETUP_EXIT,

@@ -19,12 +19,11 @@ from grpo.evaluation import (
     majority_vote,
     pass_at_k,
     prompt_examples,
-    reward_columns,
     reward_functions,
     summarize,
 )
 from grpo.models import make_tiny
-from grpo.rewards import answer_key, score
+from grpo.rewards import answer_key, reward_columns, score
 from grpo.tasks import make_task
 
 

@@ -198,8 +198,8 @@ def test_task_rewards_are_the_named_rewards(name):
     ],
 )
 def test_import_order(first):
-    # grpo.rewards names the tasks' rewards and the tasks build on grpo.rewards: importing
-    # any of them first must work.
+    # The tasks build on grpo.rewards, which names Countdown's reward (grpo.rewards.countdown)
+    # and imports no task: importing any of them first must work.
     code = (
         f"import {first}\nimport grpo.rewards as r, grpo.tasks as t\n"
         "assert r.REWARDS['countdown'] is t.countdown.countdown_reward\n"

@@ -2,7 +2,7 @@
 
 ``code_reward(completions, **columns) -> list[float | None]`` takes the program from the
 completion's ``<answer>`` (its last fenced ```python block, or its whole text) and runs it in
-the sandbox of ``grpo.sandbox`` against the example's tests, in one of the two shapes the
+the sandbox of ``grpo.rewards.sandbox`` against the example's tests, in one of the two shapes the
 public sets use:
 
 - stdin/stdout: columns ``inputs`` and ``outputs``, lists of strings; an output matches when
@@ -18,7 +18,7 @@ a warning. Each sample gets a verdict, its first failing test's (passed, wrong_a
 runtime_error, timeout, memory, output_limit, sandbox_error, no_code); ``pop_metrics``
 returns their counts since the last call, which the trainer logs per step as ``code/<verdict>``.
 
-Samples are graded in parallel (``grpo.sandbox.run_parallel``), each in one sandbox start,
+Samples are graded in parallel (``grpo.rewards.sandbox.run_parallel``), each in one sandbox start,
 and identical programs on identical tests are run once per call. With ``score="all"`` a
 sample stops at its first failing test; either way it stops at its first timeout. A sample
 whose test waits gives its worker to the next one at once, and one still computing after
@@ -26,7 +26,7 @@ whose test waits gives its worker to the next one at once, and one still computi
 overlap instead of queueing (a busy loop still takes its share of the CPU until then). One
 that waited and computes again takes its worker back.
 
-Function tests are graded by a process the program never runs in (grpo/sandbox_harness.py):
+Function tests are graded by a process the program never runs in (grpo/rewards/sandbox_harness.py):
 the program answers calls with plain data, and the test's asserts run on those answers in a
 clean interpreter, so no object, global, builtin or exit path of the program can pass a test
 for it. What remains in the program's hands is its answers, and the names the test takes
@@ -47,6 +47,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .parsing import extract_answer
 from .sandbox import (
     ASSERT_EXIT,
     MEMORY_EXIT,
@@ -381,7 +382,3 @@ def with_code_settings(reward_fns: list[tuple[str, Any]], settings: CodeSettings
 
 # The REWARDS entry: default settings (all-or-nothing, bubblewrap, the default limits).
 code_reward = CodeReward()
-
-# grpo.rewards names this reward in REWARDS and this module uses its parser: imported last,
-# after code_reward exists, so that either module may be imported first.
-from .rewards import extract_answer  # noqa: E402

@@ -1,13 +1,14 @@
-"""The harness that runs inside the sandbox (grpo.sandbox compiles it once per interpreter and
-starts it as a code object with ``python -I -c``).
+"""The harness that runs inside the sandbox (grpo.rewards.sandbox compiles it once per
+interpreter and starts it as a code object with ``python -I -c``).
 
 It is standard library only and runs on the sandbox's interpreter (Python >= 3.8), never
-imported by the trainer. One harness serves one sample: it reads the job (the program, the
-mode and the limits) as one command on stdin, sets the limits, answers ``{"ready": true}``,
-then runs one test per command and answers each with one JSON line. Commands are marshal
-frames (the grader writes them); answers go to the result pipe whose number is ``argv[1]``,
-never to stdout, so the program's output cannot be mistaken for a verdict. The harness
-imports neither json nor base64 (with ``re``, they would cost more than a test).
+imported by the trainer but for its exit statuses. One harness serves one sample: it reads
+the job (the program, the mode and the limits) as one command on stdin, sets the limits,
+answers ``{"ready": true}``, then runs one test per command and answers each with one JSON
+line. Commands are marshal frames (the grader writes them); answers go to the result pipe
+whose number is ``argv[1]``, never to stdout, so the program's output cannot be mistaken for
+a verdict. The harness imports neither json nor base64 (with ``re``, they would cost more
+than a test).
 
 Each test runs in a child forked from the harness (no interpreter start per test), in a
 fresh ``__main__`` module, with its stdin in a memfd and its stdout and stderr in pipes the

@@ -3,7 +3,7 @@
 A policy in RL writes whatever earns reward, including programs that loop forever, fork, eat
 memory, read files, open sockets or try to tamper with the grader, so this is a security
 boundary. Each sample gets one sandbox start (``Sandbox.session``), in which the harness
-(``grpo/sandbox_harness.py``) runs its tests one by one, each in a forked child:
+(``grpo/rewards/sandbox_harness.py``) runs its tests one by one, each in a forked child:
 
 - bubblewrap (``bwrap``): new user, PID, network, IPC, UTS (and cgroup) namespaces, no
   nested user namespaces, ``--die-with-parent``; read-only binds of ``/usr`` (the system
@@ -13,7 +13,7 @@ boundary. Each sample gets one sandbox start (``Sandbox.session``), in which the
   project, no run directory, no /proc, an empty environment. Run as root, the sandbox drops
   to ``nobody`` first (root is exempt from the process limit), with an interpreter
   ``nobody`` can read.
-- a cgroup per sample where one can be had (``grpo.sandbox_cgroup``: a delegated v2 subtree,
+- a cgroup per sample where one can be had (``grpo.rewards.sandbox_cgroup``: a delegated v2 subtree,
   or v1 as root), joined before bwrap starts: ``memory_mb`` for all its processes together
   (tmpfs pages included) and ``processes`` + 4 processes;
 - inside, rlimits: address space (``memory_mb``), processes and threads (``processes``, per
@@ -134,7 +134,7 @@ class SandboxUnavailable(ValueError):
 @dataclass(frozen=True)
 class Limits:
     """What one test may use. timeout: wall-clock seconds per test; memory_mb: address space
-    per process and, where a cgroup per sample can be had (grpo.sandbox_cgroup), the memory
+    per process and, where a cgroup per sample can be had (grpo.rewards.sandbox_cgroup), the memory
     of all the sample's processes together; processes: processes and threads of the program
     at once; file_size_mb: the
     largest file it may write; tmp_size_mb: its /tmp (and its /dev/shm); open_files: open
