@@ -68,6 +68,23 @@ class ModelConfig:
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward")
     ref_on_cpu: bool = _f(False, "keep the reference model on the CPU between uses")
 
+    def check(self) -> list[str]:
+        """What is wrong with these settings, one message each (empty: nothing)."""
+        checks = [
+            (
+                re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+                f"device {self.device!r}: expected auto, cpu, cuda or cuda:N",
+            ),
+            # Adam's second moments overflow fp16 (every weight NaN after a step): fp16 needs
+            # fp32 master weights, which this trainer keeps only under FSDP.
+            (
+                self.dtype != "fp16",
+                "--dtype fp16 is not supported for training: AdamW on "
+                "fp16 parameters overflows; use bf16 (GPUs) or fp32",
+            ),
+        ]
+        return [message for ok, message in checks if not ok]
+
 
 @dataclass
 class DataConfig:
@@ -117,6 +134,34 @@ class DataConfig:
         choices=("bwrap", "none"),
     )
 
+    def check(self) -> list[str]:
+        """What is wrong with these settings, one message each (empty: nothing)."""
+        checks = [
+            (self.max_prompt_length >= 1, "max_prompt_length must be >= 1"),
+            (
+                math.isfinite(self.code_timeout) and self.code_timeout > 0,
+                f"code_timeout must be a positive number of seconds, got {self.code_timeout}",
+            ),
+            (
+                self.code_memory_mb >= 64,
+                f"code_memory_mb must be >= 64 (the interpreter's own need), got "
+                f"{self.code_memory_mb}",
+            ),
+            (self.eval_size is None or self.eval_size >= 1, "eval_size must be >= 1"),
+            (
+                not self.reward_weights
+                or not self.rewards
+                or len(self.reward_weights) == len(self.rewards),
+                f"reward_weights has {len(self.reward_weights)} values for {len(self.rewards)} "
+                f"reward functions",
+            ),
+            (
+                all(math.isfinite(w) for w in self.reward_weights),
+                f"reward_weights must be finite, got {self.reward_weights}",
+            ),
+        ]
+        return [message for ok, message in checks if not ok]
+
 
 @dataclass
 class SamplingConfig:
@@ -136,6 +181,29 @@ class SamplingConfig:
     scale_rewards: str = _f("group", "advantage scaling: group, batch, none", choices=SCALES)
     mask_truncated_completions: bool = _f(False, "exclude completions without EOS from the loss")
     overlong_buffer: int = _f(0, "DAPO soft overlong punishment zone in tokens (0: off)")
+
+    def check(self) -> list[str]:
+        """What is wrong with these settings, one message each (empty: nothing)."""
+        checks = [
+            (
+                self.num_generations >= 2,
+                f"num_generations (G) must be >= 2, got "
+                f"{self.num_generations}: GRPO compares answers within a group",
+            ),
+            (self.prompts_per_step >= 1, "prompts_per_step must be >= 1"),
+            (
+                self.max_completion_length >= 1,
+                f"max_completion_length must be >= 1, got {self.max_completion_length}",
+            ),
+            (self.temperature > 0, "temperature must be > 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (
+                0 <= self.overlong_buffer < self.max_completion_length,
+                f"overlong_buffer must lie in [0, max_completion_length="
+                f"{self.max_completion_length}), got {self.overlong_buffer}",
+            ),
+        ]
+        return [message for ok, message in checks if not ok]
 
 
 @dataclass
@@ -174,6 +242,21 @@ class RolloutConfig:
     )
     vllm_sleep: bool = _f(False, "vllm: release its KV cache while the trainer updates")
 
+    def check(self) -> list[str]:
+        """What is wrong with these settings, one message each (empty: nothing)."""
+        checks = [
+            (
+                not (self.compile_generation and self.generation_cache == "dynamic"),
+                "compile_generation needs generation_cache=static",
+            ),
+            (self.sampler_correction_cap > 0, "sampler_correction_cap must be > 0"),
+            (
+                0 < self.vllm_gpu_memory_utilization < 1,
+                "vllm_gpu_memory_utilization must be in (0, 1)",
+            ),
+        ]
+        return [message for ok, message in checks if not ok]
+
 
 @dataclass
 class OptimConfig:
@@ -207,6 +290,34 @@ class OptimConfig:
         "the run (before any checkpoint is written)",
     )
 
+    def check(self) -> list[str]:
+        """What is wrong with these settings, one message each (empty: nothing)."""
+        finite = all(
+            math.isfinite(v) for v in (self.learning_rate, self.max_grad_norm, self.weight_decay)
+        )
+        checks = [
+            (self.num_iterations >= 1, "num_iterations must be >= 1"),
+            (self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
+            (self.micro_batch_tokens >= 0, "micro_batch_tokens must be >= 0"),
+            (
+                self.micro_batch_tokens == 0 or self.packing is not False,
+                "micro_batch_tokens needs packing (drop --no-packing)",
+            ),
+            (self.steps >= 0, "steps must be >= 0"),
+            (
+                finite and self.learning_rate > 0,
+                f"learning_rate must be finite and > 0, got {self.learning_rate}",
+            ),
+            (
+                self.max_grad_norm >= 0,
+                f"max_grad_norm must be >= 0 (0: off), got {self.max_grad_norm}",
+            ),
+            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
+            (self.max_nonfinite_steps >= 1, "max_nonfinite_steps must be >= 1"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+        ]
+        return [message for ok, message in checks if not ok]
+
 
 @dataclass
 class MoEConfig:
@@ -217,6 +328,10 @@ class MoEConfig:
         "models",
     )
     freeze_router: bool = _f(False, "MoE: keep the router weights fixed")
+
+    def check(self) -> list[str]:
+        """Nothing here can be wrong on its own: a non-MoE model ignores both."""
+        return []
 
 
 @dataclass
@@ -234,6 +349,18 @@ class ColdStartConfig:
         "distinct worked examples of the task the cold start learns from, in shuffled epochs "
         "(0: sft_steps x sft_batch_size, each seen once)",
     )
+
+    def check(self) -> list[str]:
+        """What is wrong with these settings, one message each (empty: nothing)."""
+        checks = [
+            (self.sft_steps >= 0, "sft_steps must be >= 0"),
+            (self.sft_examples >= 0, "sft_examples must be >= 0"),
+            (
+                self.sft_learning_rate > 0 and self.sft_batch_size >= 1,
+                "sft_learning_rate must be > 0 and sft_batch_size >= 1",
+            ),
+        ]
+        return [message for ok, message in checks if not ok]
 
 
 @dataclass
@@ -259,6 +386,16 @@ class LoRAConfig:
         "routed experts stay frozen",
     )
 
+    def check(self) -> list[str]:
+        """What is wrong with these settings, one message each (empty: nothing)."""
+        return check_settings(
+            self.lora_rank,
+            self.lora_alpha,
+            self.lora_dropout,
+            self.lora_target_modules,
+            self.lora_target_parameters,
+        )
+
 
 @dataclass
 class RunConfig:
@@ -276,6 +413,22 @@ class RunConfig:
     )
     tensorboard: bool = _f(False, "also write TensorBoard event files (needs tensorboard)")
     progress: bool = _f(True, "show the progress bar")
+
+    def check(self) -> list[str]:
+        """What is wrong with these settings, one message each (empty: nothing)."""
+        overrides = {n.replace("-", "_") for n in self.resume_override}
+        checks = [
+            (
+                not overrides - set(FLAT),
+                f"resume_override: unknown fields {sorted(overrides - set(FLAT))}",
+            ),
+            (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
+            (
+                self.save_every >= 0 and self.eval_every >= 0,
+                "save_every and eval_every must be >= 0 (0: off)",
+            ),
+        ]
+        return [message for ok, message in checks if not ok]
 
 
 # The loss options' help (GRPOLossConfig is the kernels' frozen dataclass, documented there).
@@ -449,129 +602,23 @@ class GRPOConfig:
         return self
 
     def validate(self) -> None:
-        s, o, d = self.sampling, self.optim, self.data
-        checks = [
-            (
-                re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.model.device) is not None,
-                f"device {self.model.device!r}: expected auto, cpu, cuda or cuda:N",
-            ),
-            (
-                s.num_generations >= 2,
-                f"num_generations (G) must be >= 2, got "
-                f"{s.num_generations}: GRPO compares answers within a group",
-            ),
-            (s.prompts_per_step >= 1, "prompts_per_step must be >= 1"),
-            (
-                s.max_completion_length >= 1,
-                f"max_completion_length must be >= 1, got {s.max_completion_length}",
-            ),
-            (d.max_prompt_length >= 1, "max_prompt_length must be >= 1"),
-            (
-                math.isfinite(d.code_timeout) and d.code_timeout > 0,
-                f"code_timeout must be a positive number of seconds, got {d.code_timeout}",
-            ),
-            (
-                d.code_memory_mb >= 64,
-                f"code_memory_mb must be >= 64 (the interpreter's own need), got "
-                f"{d.code_memory_mb}",
-            ),
-            (o.num_iterations >= 1, "num_iterations must be >= 1"),
-            (o.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
-            (o.micro_batch_tokens >= 0, "micro_batch_tokens must be >= 0"),
-            (
-                o.micro_batch_tokens == 0 or o.packing is not False,
-                "micro_batch_tokens needs packing (drop --no-packing)",
-            ),
-            (s.temperature > 0, "temperature must be > 0"),
-            (0 < s.top_p <= 1, "top_p must be in (0, 1]"),
-            (
-                not (
-                    self.rollout.compile_generation and self.rollout.generation_cache == "dynamic"
-                ),
-                "compile_generation needs generation_cache=static",
-            ),
-            (o.steps >= 0 and self.cold_start.sft_steps >= 0, "steps and sft_steps must be >= 0"),
-            (self.cold_start.sft_examples >= 0, "sft_examples must be >= 0"),
-            (d.eval_size is None or d.eval_size >= 1, "eval_size must be >= 1"),
-            (self.rollout.sampler_correction_cap > 0, "sampler_correction_cap must be > 0"),
-            (
-                0 < self.rollout.vllm_gpu_memory_utilization < 1,
-                "vllm_gpu_memory_utilization must be in (0, 1)",
-            ),
-            (
-                not d.reward_weights or not d.rewards or len(d.reward_weights) == len(d.rewards),
-                f"reward_weights has {len(d.reward_weights)} values for {len(d.rewards)} reward "
-                f"functions",
-            ),
-            (
-                not (overrides := {n.replace("-", "_") for n in self.run.resume_override})
-                - set(FLAT),
-                f"resume_override: unknown fields {sorted(overrides - set(FLAT))}",
-            ),
-            (
-                not (self.run.resume and self.run.overwrite),
-                "--resume and --overwrite exclude each other",
-            ),
-        ]
-        o_finite = all(math.isfinite(v) for v in (o.learning_rate, o.max_grad_norm, o.weight_decay))
-        checks += [
-            (
-                o_finite and o.learning_rate > 0,
-                f"learning_rate must be finite and > 0, got {o.learning_rate}",
-            ),
-            (o.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0: off), got {o.max_grad_norm}"),
-            (o.warmup_steps >= 0, f"warmup_steps must be >= 0, got {o.warmup_steps}"),
-            (o.max_nonfinite_steps >= 1, "max_nonfinite_steps must be >= 1"),
-            (o.weight_decay >= 0, f"weight_decay must be >= 0, got {o.weight_decay}"),
-            (
-                self.run.save_every >= 0 and self.run.eval_every >= 0,
-                "save_every and eval_every must be >= 0 (0: off)",
-            ),
-            (
-                all(math.isfinite(w) for w in d.reward_weights),
-                f"reward_weights must be finite, got {d.reward_weights}",
-            ),
-            (
-                0 <= s.overlong_buffer < s.max_completion_length,
-                f"overlong_buffer must lie in [0, max_completion_length="
-                f"{s.max_completion_length}), got {s.overlong_buffer}",
-            ),
-            (
-                self.cold_start.sft_learning_rate > 0 and self.cold_start.sft_batch_size >= 1,
-                "sft_learning_rate must be > 0 and sft_batch_size >= 1",
-            ),
-            # Adam's second moments overflow fp16 (every weight NaN after a step): fp16 needs
-            # fp32 master weights, which this trainer keeps only under FSDP.
-            (
-                self.model.dtype != "fp16",
-                "--dtype fp16 is not supported for training: AdamW on "
-                "fp16 parameters overflows; use bf16 (GPUs) or fp32",
-            ),
-        ]
-        lora = self.lora
-        lora_errors = check_settings(
-            lora.lora_rank,
-            lora.lora_alpha,
-            lora.lora_dropout,
-            lora.lora_target_modules,
-            lora.lora_target_parameters,
-        )
-        checks += [(False, message) for message in lora_errors]
-        checks.append(
-            (
-                not (lora.lora_rank and self.model.ref_on_cpu),
+        """Every section's check, then what spans sections and what is on disk: one
+        ValueError naming every problem found."""
+        # The loss section (grpo.kernels.GRPOLossConfig) checks itself when it is built.
+        sections = [getattr(self, name) for name in SECTIONS if name != "loss"]
+        errors = [message for section in sections for message in section.check()]
+        if self.lora.lora_rank and self.model.ref_on_cpu:
+            errors.append(
                 "--ref-on-cpu does not apply with --lora-rank: the reference model is the "
-                "policy itself with its adapters off",
+                "policy itself with its adapters off"
             )
-        )
-        errors = [message for ok, message in checks if not ok]
         if errors:
             raise ValueError("bad configuration: " + "; ".join(errors))
         if self.model.path and not (Path(self.model.path) / "config.json").is_file():
             raise ValueError(
                 f"model path {self.model.path!r} is not a directory with a config.json"
             )
-        for flag, given in (("--data", d.data), ("--sft-data", self.cold_start.sft_data)):
+        for flag, given in (("--data", self.data.data), ("--sft-data", self.cold_start.sft_data)):
             if given and Path(given).is_dir():
                 raise ValueError(f"{flag} {given!r} is a directory, not a JSONL file")
             if given and not Path(given).is_file():
