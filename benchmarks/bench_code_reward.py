@@ -6,7 +6,7 @@ Four batches of --n completions, each with --tests stdin/stdout tests (read numb
 their sum): "correct" (fast correct programs), "wrong" (wrong from the first test),
 "timeouts" (1 in 16 loops for ever, the rest correct) and "waits" (1 in 16 sleeps for ever).
 Every program text is distinct, so nothing is deduplicated. Three ways to run them, each on
-the same pool (grpo.sandbox's run_parallel: the cores, a slow sample freeing its worker) with
+the same pool (grpo.rewards.sandbox's run_parallel: the cores, a slow sample freeing its worker) with
 the same rule (--score all: stop at the first failing test, as training's default;
 pass_rate: run every test but after a timeout):
 
@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from grpo.sandbox import Limits, Sandbox, cpu_count, run_parallel
+from grpo.rewards.sandbox import Limits, Sandbox, cpu_count, run_parallel
 
 from benchmarks import common
 from grpo.rewards.code import CodeReward, CodeSettings, same_output, slow_after
