@@ -6,8 +6,8 @@ Four batches of --n completions, each with --tests stdin/stdout tests (read numb
 their sum): "correct" (fast correct programs), "wrong" (wrong from the first test),
 "timeouts" (1 in 16 loops for ever, the rest correct) and "waits" (1 in 16 sleeps for ever).
 Every program text is distinct, so nothing is deduplicated. Three ways to run them, each on
-the same pool (grpo.rewards.sandbox's run_parallel: the cores, a slow sample freeing its worker) with
-the same rule (--score all: stop at the first failing test, as training's default;
+the same pool (grpo.rewards.sandbox's run_parallel: the cores, a slow sample freeing its
+worker) with the same rule (--score all: stop at the first failing test, as training's default;
 pass_rate: run every test but after a timeout):
 
 - bwrap: the code reward as training runs it (one bubblewrap sandbox per sample, its tests
@@ -33,10 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from grpo.rewards.sandbox import Limits, Sandbox, cpu_count, run_parallel
-
 from benchmarks import common
 from grpo.rewards.code import CodeReward, CodeSettings, same_output, slow_after
+from grpo.rewards.sandbox import Limits, Sandbox, cpu_count, run_parallel
 
 PROVIDERS = ("bwrap", "none", "plain")
 WORKLOADS = ("correct", "wrong", "timeouts", "waits")
