@@ -459,30 +459,39 @@ def test_slow_correct_programs_are_not_starved_into_timeouts():
 
 
 def test_computing_again_after_waiting_takes_a_place_back():
-    """run_parallel: a call that reports itself idle and then busy again holds a place
-    again, so no new item starts beside it. Six such calls on one worker: at most two compute
-    at once (the one holding the place, the one that came back), not all six."""
-    computing, most = [0], [0]
-    lock = threading.Lock()
-
-    def phase(seconds):
-        with lock:
-            computing[0] += 1
-            most[0] = max(most[0], computing[0])
-        time.sleep(seconds)
-        with lock:
-            computing[0] -= 1
+    """run_parallel: a call that reports itself idle and then busy again holds a place again,
+    so no new item starts beside it. One worker, three items in the order they get to run
+    (the pool may start them in any order): the first waits (the second takes the place),
+    computes again, and keeps computing after the second has gone idle too; the third must
+    not start until the first is done. Sequenced by events, not sleeps."""
+    arrivals, lock = [], threading.Lock()
+    second, first_busy, second_idle, third, first_done = (threading.Event() for _ in range(5))
+    beside = []
 
     def sample(i):
-        phase(0.05)
-        sandbox_mod._report_idle()
-        time.sleep(0.05)
-        sandbox_mod._report_busy()
-        phase(0.15)
+        with lock:
+            arrivals.append(i)
+            role = len(arrivals)
+        if role == 1:
+            sandbox_mod._report_idle()
+            assert second.wait(10)
+            sandbox_mod._report_busy()
+            first_busy.set()
+            assert second_idle.wait(10)
+            beside.append(third.wait(0.3))  # computing on: no other item may start
+            first_done.set()
+        elif role == 2:
+            second.set()
+            assert first_busy.wait(10)
+            sandbox_mod._report_idle()
+            second_idle.set()
+            assert first_done.wait(10)
+        else:
+            third.set()
         return i
 
-    assert run_parallel(sample, range(6), workers=1, slow_after=10.0) == list(range(6))
-    assert most[0] <= 2, most[0]
+    assert run_parallel(sample, range(3), workers=1, slow_after=10.0) == [0, 1, 2]
+    assert beside == [False]
 
 
 def test_sleeping_then_spinning_does_not_rob_correct_programs():
