@@ -236,6 +236,26 @@ def test_sample_and_eval_outputs_are_not_overwritten(tmp_path, capsys):
         assert command([*common, *keep, "--output", str(path), "--overwrite"]) == 0
 
 
+# --- a damaged checkpoint --------------------------------------------------------------------
+
+
+def test_a_damaged_checkpoint_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(capsys, out)[0] == 0
+    shard = out / "checkpoint" / "dcp" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 8):  # inside the tensor data
+        data[i] ^= 0x55
+    shard.write_bytes(bytes(data))
+    before = _tree(out)
+    code, err = _train(capsys, out, "--resume")
+    assert code == 2, err
+    assert err.startswith(f"grpo-train: error: {shard}: damaged, its contents differ from the "
+                          f"checksum recorded at the save; nothing was loaded"), err
+    assert len(err.strip().splitlines()) == 1
+    assert _tree(out) == before  # the good files of the run are all still there
+
+
 # --- SIGKILL at random moments ---------------------------------------------------------------
 
 
