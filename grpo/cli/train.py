@@ -14,8 +14,13 @@ import sys
 from .. import distributed
 from ..build import build_trainer
 from ..config import parse_config
+from ..files import DirectoryLocked
 from ..trainer import Interrupted, NonFiniteError
 from .args import BAD_INPUT, bad_input, failed_write
+
+# Exit statuses besides 0 (done), 1 (the run stopped: non-finite values, a full disk),
+# 2 (bad input) and 128 + the signal (130 Ctrl-C, 143 SIGTERM).
+IN_USE = 3  # another grpo-train writes the --output-dir
 
 # A failed write never replaces the last checkpoint, so the run goes on from there.
 RETRY = (
@@ -34,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         finished = True
     except BAD_INPUT as e:  # bad input: a message, not a traceback
         return bad_input("grpo-train", e)
+    except DirectoryLocked as e:
+        print(f"grpo-train: error: {e}", file=sys.stderr)
+        return IN_USE
     except NonFiniteError as e:  # the run diverged: say so and where the good state is
         print(f"grpo-train: stopped: {e}", file=sys.stderr)
         return 1

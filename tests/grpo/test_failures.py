@@ -4,7 +4,8 @@ traceback), a documented exit status, and no file of the user's deleted or overw
 Resume checks against the saved config, a failed start that cleans up after itself, a full
 disk and a read-only directory (real ones: a small tmpfs and a read-only bind mount in a
 private mount namespace), bad files, the output rules of grpo-sft, grpo-sample and grpo-eval,
-and random SIGKILLs resumed to the metrics of an uninterrupted run."""
+a second run refused from a live run's directory, a checkpoint damaged on disk, and random
+SIGKILLs resumed to the metrics of an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 import grpo.cli.eval
 import grpo.cli.sample
 import grpo.cli.sft
-from grpo.cli.train import main
+from grpo.cli.train import IN_USE, main
 from grpo.metrics import read_metrics
 from grpo.models import make_tiny
 
@@ -234,6 +235,45 @@ def test_sample_and_eval_outputs_are_not_overwritten(tmp_path, capsys):
         assert command([*common, *keep, "--output", str(path)]) == 2
         assert "exists; pass --overwrite" in capsys.readouterr().err
         assert command([*common, *keep, "--output", str(path), "--overwrite"]) == 0
+
+
+# --- one run per directory ------------------------------------------------------------------
+
+# Holds the run before its first GRPO step until the file OUT.go exists.
+HOLD = """
+import pathlib, time, grpo.trainer
+_run_steps = grpo.trainer.GRPOTrainer._run_steps
+def run_steps(self, logger):
+    while not pathlib.Path(str(self.run_dir) + ".go").exists():
+        time.sleep(0.05)
+    return _run_steps(self, logger)
+grpo.trainer.GRPOTrainer._run_steps = run_steps
+"""
+
+
+def test_a_live_runs_directory_is_refused_to_a_second_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    live = grpo_train(out, patch=HOLD)
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").exists():  # started: past the cold start
+        assert live.poll() is None and time.monotonic() < deadline, live.communicate()
+        time.sleep(0.05)
+    before = _tree(out)
+    # A new run, --resume and --overwrite: each refused before it reads or changes anything.
+    for flags in ([], ["--resume"], ["--overwrite"]):
+        code, err = _train(capsys, out, *flags)
+        assert code == IN_USE, (flags, err)
+        assert err == (f"grpo-train: error: --output-dir {out} is in use by another run "
+                       f"(process {live.pid}): wait for it to end or choose another directory; "
+                       f"nothing was changed\n"), err
+        assert _tree(out) == before
+    (tmp_path / "run.go").touch()
+    _, err = live.communicate(timeout=180)
+    assert live.returncode == 0, err
+    assert steps_done(out / "metrics.jsonl") == int(SMALL_RUN[1])
+    # Once it has ended, its directory is free again: --overwrite replaces it.
+    assert _train(capsys, out, "--overwrite")[0] == 0
+    assert steps_done(out / "metrics.jsonl") == 1
 
 
 # --- a damaged checkpoint --------------------------------------------------------------------
