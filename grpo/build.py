@@ -67,9 +67,11 @@ def build_parts(config: GRPOConfig) -> TrainerParts:
     run_dir = Path(cfg.run.output_dir)
     task, eval_examples, stream = load_data(cfg)
     reward_fns, reward_weights = _rewards(cfg, task)
-    lora_mod.check_resume(cfg, run_dir)  # a LoRA checkpoint for a full run, or the reverse
-    created = prepare_run_dir(cfg, run_dir)
+    created: list[Path] = []
     try:
+        created += lock_run_dir(cfg, run_dir)  # before anything in it is read or changed
+        lora_mod.check_resume(cfg, run_dir)  # a LoRA checkpoint for a full run, or the reverse
+        created += prepare_run_dir(cfg, run_dir)
         seed_everything(cfg.run.seed + rank)
         loss_fn, logprobs_fn, fused = _select_kernels(cfg, device, world)
         model, tokenizer = _load_policy(cfg, run_dir, dtype, device, compute_dtype, world)
@@ -164,6 +166,40 @@ def load_data(cfg: GRPOConfig):
 # What a run writes into its directory: --overwrite removes these and nothing else.
 RUN_FILES = ("config.json", "metrics.jsonl", "curves.png", "summary.json")
 RUN_DIRS = ("checkpoint", "cold-start", "final", "init-model", "tensorboard")
+# The lock of the process that writes the directory (files.lock_directory). It stays through
+# --overwrite: a run deletes it only in a directory it created itself and gives up again.
+RUN_LOCK = ".grpo-train.lock"
+
+
+def lock_run_dir(cfg: GRPOConfig, run_dir: Path) -> list[Path]:
+    """Rank 0 creates the run directory if needed and locks it for the rest of the process:
+    a second grpo-train on it (a new run, --resume or --overwrite) is refused with
+    files.DirectoryLocked on every rank, before it reads or changes anything. The other ranks
+    take no lock (only rank 0 writes the directory). Returns what was created (for
+    `undo_start`); nothing is locked where the directory is a file or --resume finds none,
+    which prepare_run_dir then refuses."""
+    created: list[Path] = []
+    busy = None
+    # A path under a file or a --resume of nothing: prepare_run_dir refuses it by name.
+    makeable = not run_dir.is_file() and files.file_in_path(run_dir) is None
+    if dist_mod.is_main() and makeable and (run_dir.is_dir() or not cfg.run.resume):
+        try:
+            run_dir.mkdir(parents=True)
+            created.append(run_dir)
+        except FileExistsError:  # there already, or another run made it a moment ago
+            pass
+        try:
+            if files.lock_directory(run_dir, RUN_LOCK):
+                created.append(run_dir / RUN_LOCK)
+        except files.DirectoryLocked as e:
+            busy = (
+                f"--output-dir {e}: wait for it to end or choose another directory; "
+                f"nothing was changed"
+            )
+    busy = dist_mod.broadcast_object(busy)
+    if busy:
+        raise files.DirectoryLocked(busy)
+    return created
 
 
 def prepare_run_dir(cfg: GRPOConfig, run_dir: Path) -> list[Path]:
@@ -171,7 +207,8 @@ def prepare_run_dir(cfg: GRPOConfig, run_dir: Path) -> list[Path]:
     only ever deletes what a run of ours wrote: a directory that holds anything else (a model,
     a project) is refused, naming what was found. --resume refuses a config that differs from
     the saved one except in cfg.run.resume_override's fields (config.json then records the
-    new values). Returns what was created (for `undo_start`)."""
+    new values). Runs after lock_run_dir, which created the directory. Returns what was
+    created (for `undo_start`)."""
     error, created = None, []
     if dist_mod.is_main():
         error = _run_dir_error(cfg, run_dir)
@@ -180,12 +217,9 @@ def prepare_run_dir(cfg: GRPOConfig, run_dir: Path) -> list[Path]:
             if any(saved.get(n, v) != v for n, v in cfg.flat().items() if n not in RESUME_FREE):
                 files.write_json(run_dir / "config.json", cfg.to_dict())
         elif error is None:
-            if run_dir.is_dir() and (cfg.run.overwrite or _failed_start(run_dir)):
+            if cfg.run.overwrite or _failed_start(run_dir):
                 for name in RUN_FILES + RUN_DIRS:
                     files.remove(run_dir / name)
-            if not run_dir.exists():
-                created.append(run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
             files.write_json(run_dir / "config.json", cfg.to_dict())
             created.append(run_dir / "config.json")
     error = dist_mod.broadcast_object(error)
@@ -195,14 +229,20 @@ def prepare_run_dir(cfg: GRPOConfig, run_dir: Path) -> list[Path]:
 
 
 def undo_start(cfg: GRPOConfig, run_dir: Path, created: list[Path]) -> None:
-    """After a start that failed before training: remove what prepare_run_dir created and the
-    demo's init-model, so the same command can simply be run again."""
-    if not dist_mod.is_main() or cfg.run.resume:
+    """After a start that failed before training: remove what lock_run_dir and
+    prepare_run_dir created and the demo's init-model, so the same command can simply be run
+    again."""
+    if not dist_mod.is_main():
         return
-    if created:
+    if run_dir / "config.json" in created:  # the start got that far: it may have made one
         files.remove(run_dir / "init-model")
+    lock = run_dir / RUN_LOCK
+    if lock not in created:
+        files.unlock_directory(run_dir, RUN_LOCK)
     for path in reversed(created):
-        if path.is_dir():
+        if path == lock:  # deleted while still held: see files.lock_directory
+            files.unlock_directory(run_dir, RUN_LOCK, remove_file=True)
+        elif path.is_dir():
             with contextlib.suppress(OSError):  # not empty: something else is there now
                 path.rmdir()
         else:
@@ -215,9 +255,9 @@ def _run_dir_error(cfg: GRPOConfig, run_dir: Path) -> str | None:
     blocker = files.file_in_path(run_dir)
     if blocker is not None:
         return f"--output-dir {run_dir}: {blocker} is a file, not a directory"
-    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+    if not run_dir.is_dir() or not _entries(run_dir):
         return f"--resume: {run_dir} holds no run" if cfg.run.resume else None
-    foreign = sorted(p.name for p in run_dir.iterdir() if not _ours(p.name))
+    foreign = sorted(name for name in _entries(run_dir) if not _ours(name))
     saved = read_run_config(run_dir / "config.json")
     if foreign or saved is None:
         found = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
@@ -249,10 +289,15 @@ def _run_dir_error(cfg: GRPOConfig, run_dir: Path) -> str | None:
 def _failed_start(run_dir: Path) -> bool:
     """A run directory whose run never trained (it stopped while loading, before any metrics
     or checkpoint): nothing in it is worth keeping, so it may be reused without --overwrite."""
-    names = {p.name for p in run_dir.iterdir()}
-    if not names <= {"config.json", "init-model"}:
+    if not _entries(run_dir) <= {"config.json", "init-model"}:
         return False
     return read_run_config(run_dir / "config.json") is not None
+
+
+def _entries(run_dir: Path) -> set[str]:
+    """The names in a run directory, less its lock file (in a directory of its own while any
+    grpo-train is starting or running there)."""
+    return {p.name for p in run_dir.iterdir() if p.name != RUN_LOCK}
 
 
 def _ours(name: str) -> bool:

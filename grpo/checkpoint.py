@@ -12,6 +12,8 @@ A checkpoint is one directory, the same for one process and for N under torchrun
                         PEFT's format; dcp/ then holds only the adapters and their optimizer
                         state (the frozen base is re-read from where the run took it)
       trainer_state.pt  {"version", "scheduler", "rng", "state"} (torch.save, by rank 0)
+      checksums.json    the SHA-256 of every other file, state.json included; checked before
+                        anything is loaded
       state.json        the trainer's `state` (step, data position...) as JSON, for humans;
                         written last, so a directory holding it is complete
 
@@ -34,6 +36,12 @@ window where `checkpoint` itself is absent (between the two renames of the swap)
 by `find_checkpoint`. One run writes a run directory at a time; leftovers of a crashed save
 are removed by the next successful one.
 
+A file whose bytes changed after the save (a flipped bit on the disk, a copy cut short, a shard
+from another checkpoint) fails the checksum and the checkpoint is refused, naming the file,
+before the model is touched: DCP would otherwise load damaged tensor data without noticing.
+A checkpoint saved before checksums were recorded (no `checksums.json`, and no `checksums`
+key in its trainer state) is loaded unchecked, as before.
+
 `trainer_state.pt` holds only tensors and plain values and is read with
 `torch.load(weights_only=True)`. DCP itself unpickles its `.metadata` and the optimizer's
 non-tensor values (torch 2.13): load only checkpoints you trust, as with any DCP checkpoint.
@@ -42,10 +50,14 @@ non-tensor values (torch 2.13): load only checkpoints you trust, as with any DCP
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
+import os
 import random
+import re
 import shutil
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -62,6 +74,8 @@ MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"  # LoRA checkpoints: in place of model/
 TRAINER_STATE = "trainer_state.pt"
 STATE_JSON = "state.json"
+CHECKSUMS = "checksums.json"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 FORMAT_VERSION = 2
 _PARTS = (DCP_DIR, MODEL_DIR, TRAINER_STATE, STATE_JSON)
 _TRAINER_KEYS = ("version", "scheduler", "rng", "state")
@@ -101,9 +115,15 @@ def save_checkpoint(
             lora_mod.save_adapter(model, tokenizer, tmp / ADAPTER_DIR)
         else:
             lora_mod.save_full_model(model, tokenizer, tmp / MODEL_DIR)
+        # get_state_dict gives an optimizer without state (a checkpoint before the first
+        # step: the cold start's) a zero state by taking a step with learning rate 0. That
+        # state, Adam's step count among it, must not carry over into the run.
+        fresh = not optimizer.state
         model_state, optim_state = get_state_dict(
             model, optimizer, options=_state_options(adapter_only)
         )
+        if fresh:
+            optimizer.state.clear()
         with _dcp_errors():
             _dcp().save(
                 {"model": model_state, "optimizer": optim_state},
@@ -117,8 +137,12 @@ def save_checkpoint(
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "rng": rngs,
                 "state": state,
+                "optimizer_fresh": fresh,
+                # A checkpoint of ours that lacks checksums.json was damaged, not older.
+                "checksums": CHECKSUMS,
             }
             files.torch_save(trainer_state, tmp / TRAINER_STATE)
+            _write_checksums(tmp, {STATE_JSON: state_text.encode()})
             # Written last: a temp dir holding state.json is complete (find_checkpoint).
             (tmp / STATE_JSON).write_text(state_text)
     if main:
@@ -144,8 +168,8 @@ def load_checkpoint(
     exactly as if it had never stopped. The format version, the files, the scheduler and the
     names and shapes of every saved tensor are checked before the model is modified:
     FileNotFoundError for missing pieces, ValueError for another format and unreadable or
-    mismatched pieces, each naming the path. (A shard file damaged in its data is only noticed
-    while loading: the ValueError then comes with the model partly loaded.)
+    mismatched pieces, each naming the path. Before all that, every file's checksum: a file
+    whose bytes changed since the save is a ValueError naming it.
     device: where the trainer's tensors live (`trainer_state.pt` is mapped there).
     """
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -153,9 +177,19 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no checkpoint directory")
+    # Rank 0 reads every file once; the verdict goes to all ranks.
+    found = distributed.broadcast_object(_checksum_error(path) if distributed.is_main() else None)
+    if found:
+        missing, message = found
+        raise FileNotFoundError(message) if missing else ValueError(message)
     # The version first: a checkpoint of another format lacks some of this format's parts.
     if (path / TRAINER_STATE).exists():
         trainer_state = _read_trainer_state(path, device)
+        if trainer_state.get("checksums") and not (path / CHECKSUMS).exists():
+            raise ValueError(
+                f"{path / CHECKSUMS}: missing, so the checkpoint cannot be checked; restore the "
+                f"file, or start the run again with --overwrite"
+            )
     adapter_only = _adapter_only(model)
     if adapter_only or (path / ADAPTER_DIR).is_dir():  # a LoRA run, or a LoRA checkpoint
         mismatch = lora_mod.checkpoint_mismatch(path, lora_mod.settings_of(model), model)
@@ -191,6 +225,8 @@ def load_checkpoint(
         optim_state_dict=loaded["optimizer"],
         options=_state_options(adapter_only, load=True),
     )
+    if trainer_state.get("optimizer_fresh"):  # saved before the first step: see save
+        optimizer.state.clear()
     if scheduler is not None:
         scheduler.load_state_dict(trainer_state["scheduler"])
     _restore_rngs(trainer_state)
@@ -222,6 +258,71 @@ def find_checkpoint(run_dir: Path) -> Path | None:
     files.replace(candidates[0], path)
     _remove_leftovers(path)
     return path
+
+
+def file_digests(root: Path, names: list[str]) -> dict[str, str]:
+    """{name: SHA-256 hex digest} of the files root/name. Several files are hashed at once:
+    hashlib releases the GIL, and a checkpoint holds a few large files (the shards)."""
+
+    def digest(name: str) -> str:
+        with open(root / name, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return dict(zip(names, pool.map(digest, names), strict=True))
+
+
+def _write_checksums(directory: Path, pending: dict[str, bytes]) -> None:
+    """directory/checksums.json: the SHA-256 of every file in the directory, and of the
+    files in `pending` ({name: contents}) that are written after it."""
+    names = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+    digests = file_digests(directory, names)
+    digests.update({name: hashlib.sha256(data).hexdigest() for name, data in pending.items()})
+    record = {"algorithm": "sha256", "files": dict(sorted(digests.items()))}
+    (directory / CHECKSUMS).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def _checksum_error(path: Path) -> tuple[bool, str] | None:
+    """(whether files are missing, why) when the checkpoint at `path` cannot be trusted: a
+    file missing, or changed since the save (naming it); None when every file is as saved,
+    and for a checkpoint without checksums.json (an older one)."""
+    manifest = path / CHECKSUMS
+    if not manifest.exists():
+        return None
+    try:
+        recorded = json.loads(manifest.read_text())["files"]
+        if not isinstance(recorded, dict):
+            raise TypeError(f"'files' is a {type(recorded).__name__}")
+        # A digest damaged into another well-formed one would blame its file instead.
+        bad = [n for n, d in recorded.items() if not (isinstance(d, str) and _SHA256.fullmatch(d))]
+        if bad:
+            raise ValueError(f"not a SHA-256 digest for {_first(sorted(bad))}")
+    except Exception as e:
+        return False, (
+            f"{manifest}: unreadable ({type(e).__name__}: {e}); restore it from a copy, or "
+            f"start the run again with --overwrite"
+        )
+    missing = sorted(name for name in recorded if not (path / name).is_file())
+    if missing:
+        return True, f"{path}: incomplete checkpoint, missing {_first(missing)}"
+    present = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
+    unlisted = sorted(present - set(recorded) - {CHECKSUMS})
+    if unlisted:  # a name damaged in checksums.json, or a file from elsewhere
+        return False, (
+            f"{manifest}: does not list {_first(unlisted)}, which the checkpoint holds; "
+            f"restore the checkpoint from a copy, or start the run again with --overwrite"
+        )
+    digests = file_digests(path, sorted(recorded))
+    changed = sorted(name for name, digest in digests.items() if digest != recorded[name])
+    if changed:
+        return False, (
+            f"{path / changed[0]}: damaged, its contents differ from the checksum recorded at "
+            f"the save"
+            + (f" (and {_first(changed[1:])})" if len(changed) > 1 else "")
+            + "; nothing was loaded. Restore the checkpoint from a copy, or start the run "
+            "again with --overwrite"
+        )
+    return None
 
 
 def capture_rng() -> dict[str, Any]:

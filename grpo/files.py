@@ -11,11 +11,16 @@ A directory cannot be renamed over a non-empty one, so replacing a directory tak
 renames: the old one is moved aside to `.NAME.old-XXXXXXXX`, the new one renamed in, the
 old one deleted. A crash between the two renames leaves the target absent but both
 versions on disk; `grpo.checkpoint.find_checkpoint` puts the newest complete one back.
+
+`lock_directory` keeps a second process from writing the same directory: an advisory lock
+(flock) on a file inside it, held by an open descriptor, so the OS drops it when the process
+ends in any way, SIGKILL included, and a dead writer never leaves a stale lock behind.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import io
 import json
 import os
@@ -94,6 +99,64 @@ def torch_save(obj: object, path: str | Path) -> None:
     torch.save(obj, buffer)
     with open(path, "wb") as f:
         f.write(buffer.getbuffer())
+
+
+class DirectoryLocked(RuntimeError):
+    """Another process holds the lock on the directory (`lock_directory`)."""
+
+
+# Locks this process holds, by directory: flock is per open file, so a second open() of the
+# same file in this process would lock it out of its own directory (a library caller that
+# builds two trainers in turn, the tests).
+_HELD: dict[Path, int] = {}
+
+
+def lock_directory(directory: str | Path, name: str) -> bool:
+    """Take the lock file `directory/name` for the rest of this process (re-entrant within
+    it) and record the process id in it. Returns whether this call created the lock file.
+    The directory must exist. Raises DirectoryLocked, naming the holder's pid when it was
+    recorded, if another process holds it."""
+    directory = Path(directory)
+    key = directory.resolve()
+    if key in _HELD:
+        return False
+    path = directory / name
+    while True:
+        try:
+            fd, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            fd, created = os.open(path, os.O_RDWR), False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip()
+            os.close(fd)
+            pid = f" (process {holder})" if holder.isdigit() else ""
+            raise DirectoryLocked(f"{directory} is in use by another run{pid}") from None
+        # The holder may have deleted the file between our open() and flock() (see
+        # unlock_directory): then the lock is on a file nobody else will see; try again.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _HELD[key] = fd
+    return created
+
+
+def unlock_directory(directory: str | Path, name: str, *, remove_file: bool = False) -> None:
+    """Give up this process's lock on `directory` (and delete the lock file, while still
+    holding it, with remove_file). Nothing happens if this process does not hold it."""
+    fd = _HELD.pop(Path(directory).resolve(), None)
+    if fd is None:
+        return
+    if remove_file:
+        (Path(directory) / name).unlink(missing_ok=True)
+    os.close(fd)
 
 
 # errno -> what to tell the user, for the errors a write can end with.

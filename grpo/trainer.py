@@ -22,7 +22,6 @@ import copy
 import functools
 import math
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,13 +35,14 @@ from grpo.models.routing_replay import RoutingReplay
 
 from . import data as data_mod
 from . import distributed as dist_mod
-from . import files
+from . import files, interrupts
 from . import lora as lora_mod
 from . import rewards as rewards_mod
 from . import tasks as tasks_mod
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import GRPOConfig
 from .evaluation import greedy_accuracy
+from .interrupts import Interrupted
 from .metrics import (
     RunLogger,
     SilentLogger,
@@ -54,41 +54,6 @@ from .metrics import (
 from .policy import PolicyForward, load_frozen_model
 from .rollout import Rollout
 from .sft import run_sft
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM ended the run after a finished step, whose checkpoint is written."""
-
-    def __init__(self, signum: int, step: int, run_dir) -> None:
-        self.signum = signum
-        name = signal.Signals(signum).name
-        super().__init__(
-            f"{name} after step {step}: checkpoint in {run_dir / 'checkpoint'}; continue with "
-            f"the same command and --resume"
-        )
-
-
-@contextlib.contextmanager
-def _deferred_signals():
-    """The signals received (SIGINT, SIGTERM), recorded instead of acted on, so the step in
-    progress finishes and a consistent checkpoint can be written; a second Ctrl-C stops at
-    once. Only the main thread can install handlers: elsewhere nothing is deferred."""
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-
-    def handler(signum, frame):
-        if received and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        received.append(signum)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield received
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 class NonFiniteError(RuntimeError):
@@ -150,6 +115,12 @@ class GRPOTrainer:
         self.unscored = rewards_mod.UnscoredWatch(self.reward_fns, rewards_mod.UNSCORED_PATIENCE)
         self.ref_model = None  # loaded after the cold start (it is the cold-started policy)
         self.state = {"step": 0, "data_position": 0, "sft_done": False, "eval": {}}
+        self.signals = interrupts.Signals(mode="defer")
+        # Under torchrun every rank must stop at the same point (FSDP's collectives need them
+        # all), so nothing is dropped at once there: each rank finishes the part it is in.
+        self._drop = "drop" if self.world == 1 else "defer"
+        self._saved_step: int | None = None  # the step of the checkpoint on disk, if any
+        self._doing = "start-up"  # for the message of a signal that stops the run at once
 
     def prompt(self, example: dict) -> str:
         return data_mod.format_prompt(example, self.cfg.data.template, self.tokenizer)
@@ -163,27 +134,56 @@ class GRPOTrainer:
 
     def train(self) -> dict:
         """The whole run: resume or cold start, held-out evaluation, the GRPO steps,
-        evaluation again, the checkpoint, final/ and summary.json."""
+        evaluation again, the checkpoint, final/ and summary.json.
+
+        SIGINT or SIGTERM anywhere in it ends the run with `Interrupted` and the last good
+        state on disk (grpo.interrupts): loading and evaluations are dropped at once, the
+        cold start and a GRPO step finish and are saved, a write completes. The cold start
+        gets a checkpoint of its own, and a signal during the last evaluation still saves the
+        GRPO steps."""
+        with self.signals.installed():
+            try:
+                return self._train()
+            except interrupts.Stop as e:
+                where = "twice, stopped at once" if e.again else f"during {self._doing}"
+                raise self._interrupted(e.signum, where) from None
+
+    def _train(self) -> dict:
         start = time.perf_counter()
-        self._resume_or_cold_start()
+        self._doing = "the loading of the checkpoint"
+        with self.signals.phase(self._drop):
+            self._resume()
+        if not self.state["sft_done"]:
+            if self._cold_start():
+                self.save_checkpoint()  # minutes of SFT are not redone after a crash
+            self._stop_if_signalled("after the cold start")
+        if "before_grpo" not in self.state["eval"]:
+            self._doing = "the evaluation before GRPO"
+            with self.signals.phase(self._drop):
+                self.state["eval"]["before_grpo"] = self.evaluate()
         before = self.state["eval"]["before_grpo"]
+        if dist_mod.is_main():
+            print(f"held-out accuracy before GRPO: {before['accuracy']:.3f}", flush=True)
         logger = self._logger()
         try:
             if self.cfg.loss.beta > 0 and self.parts.lora is None:
                 # (With LoRA the reference is the policy with its adapters off: no model.)
-                self.ref_model = self.load_reference()
+                self._doing = "the loading of the reference model"
+                with self.signals.phase(self._drop):
+                    self.ref_model = self.load_reference()
             self._run_steps(logger)
-            after = self.evaluate()
-            logger.message(f"held-out accuracy after GRPO: {after['accuracy']:.3f}")
+            after = None
+            self._doing = "the evaluation after GRPO"
+            with contextlib.suppress(interrupts.Stop):  # the steps are saved all the same
+                with self.signals.phase(self._drop):
+                    after = self.evaluate()
+            if after is not None:
+                logger.message(f"held-out accuracy after GRPO: {after['accuracy']:.3f}")
             self.save_checkpoint()
-            # In the dtype a single process trains in (sharded runs keep fp32 master weights).
-            lora_mod.save_full_model(
-                self.model, self.tokenizer, self.run_dir / "final", dtype=self.parts.compute_dtype
-            )
-            if self.parts.lora is not None:  # final/ is merged; final/adapter/ in PEFT's format
-                adapter_dir = self.run_dir / "final" / "adapter"
-                lora_mod.save_adapter(self.model, self.tokenizer, adapter_dir)
-            logger.plot()
+            self._stop_if_signalled(f"during {self._doing}" if after is None else "at the end")
+            with self.signals.phase("hold"):
+                self._write_final()
+                logger.plot()
         finally:
             logger.close()
         summary = {
@@ -201,31 +201,56 @@ class GRPOTrainer:
         if self.parts.lora is not None:
             summary["lora"] = lora_mod.describe(self.model, self.optimizer, self.cfg.loss.beta)
         if dist_mod.is_main():
-            files.write_json(self.run_dir / "summary.json", summary)
+            with self.signals.phase("hold"):
+                files.write_json(self.run_dir / "summary.json", summary)
+        self._stop_if_signalled("at the end")
         return summary
 
-    def _resume_or_cold_start(self) -> None:
-        """Back to the checkpoint's state with --resume; the cold start and the evaluation
-        before GRPO unless the checkpoint already has them."""
-        main = dist_mod.is_main()
-        if self.cfg.run.resume:
-            path = find_checkpoint(self.run_dir) if main else None
-            dist_mod.barrier()  # rank 0 may have repaired a checkpoint interrupted mid-swap
-            self.state = load_checkpoint(
-                path or self.run_dir / "checkpoint",
-                self.model,
-                self.optimizer,
-                self.scheduler,
-                device=self.device,
-            )
-            self.stream.position = self.state["data_position"]
-        if not self.state["sft_done"]:
-            self._cold_start()
-        if "before_grpo" not in self.state["eval"]:
-            self.state["eval"]["before_grpo"] = self.evaluate()
-        if main:
-            accuracy = self.state["eval"]["before_grpo"]["accuracy"]
-            print(f"held-out accuracy before GRPO: {accuracy:.3f}", flush=True)
+    def _resume(self) -> None:
+        """Back to the checkpoint's state with --resume."""
+        if not self.cfg.run.resume:
+            return
+        path = find_checkpoint(self.run_dir) if dist_mod.is_main() else None
+        dist_mod.barrier()  # rank 0 may have repaired a checkpoint interrupted mid-swap
+        self._saved_step = -1  # on disk already, whatever happens while it loads
+        self.state = load_checkpoint(
+            path or self.run_dir / "checkpoint",
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            device=self.device,
+        )
+        self._saved_step = self.state["step"]
+        self.stream.position = self.state["data_position"]
+
+    def _write_final(self) -> None:
+        # In the dtype a single process trains in (sharded runs keep fp32 master weights).
+        lora_mod.save_full_model(
+            self.model, self.tokenizer, self.run_dir / "final", dtype=self.parts.compute_dtype
+        )
+        if self.parts.lora is not None:  # final/ is merged; final/adapter/ in PEFT's format
+            adapter_dir = self.run_dir / "final" / "adapter"
+            lora_mod.save_adapter(self.model, self.tokenizer, adapter_dir)
+
+    def _signalled(self) -> int:
+        """The signal any rank received, 0 if none (a collective: every rank decides alike)."""
+        return int(dist_mod.all_reduce(float(self.signals.first), op="max"))
+
+    def _stop_if_signalled(self, where: str) -> None:
+        """A safe point: `Interrupted` if any rank received a signal."""
+        stop = self._signalled()
+        if stop:
+            raise self._interrupted(stop, where)
+
+    def _interrupted(self, signum: int, where: str) -> Interrupted:
+        name = signal.Signals(signum).name
+        path = self.run_dir / "checkpoint"
+        if self._saved_step is None:
+            kept = "nothing was saved; start the run again with --overwrite"
+        else:
+            step = "" if self._saved_step < 0 else f" (step {self._saved_step})"
+            kept = f"checkpoint in {path}{step}; continue with the same command and --resume"
+        return Interrupted(signum, f"{name} {where}: {kept}")
 
     def _logger(self):
         run = self.cfg.run
@@ -244,8 +269,9 @@ class GRPOTrainer:
         (Ctrl-C) or SIGTERM (a scheduler's warning) ends the run after the current step,
         with a checkpoint: `Interrupted`."""
         steps, run = self.cfg.optim.steps, self.cfg.run
-        with _deferred_signals() as received:
+        with self.signals.phase("defer"):
             while self.state["step"] < steps:
+                self._doing = f"step {self.state['step'] + 1}"
                 metrics = self.step()
                 self.state["step"] += 1
                 self.state["data_position"] = self.stream.position
@@ -253,15 +279,18 @@ class GRPOTrainer:
                 if run.eval_every and step % run.eval_every == 0 and step < steps:
                     metrics["eval_accuracy"] = self.evaluate()["accuracy"]
                 logger.log(step, metrics)
-                # Every rank stops after the same step (FSDP's collectives need them all).
-                stop = dist_mod.all_reduce(float(received[0] if received else 0), op="max")
+                stop = self._signalled()
                 if (run.save_every and step % run.save_every == 0 and step < steps) or stop:
                     self.save_checkpoint()
+                    stop = self._signalled()  # one that came during the save stops here too
                 if stop:
-                    raise Interrupted(int(stop), step, self.run_dir)
+                    raise self._interrupted(stop, f"after step {step}")
 
-    def _cold_start(self) -> None:
+    def _cold_start(self) -> bool:
+        """The supervised cold start, if the config asks for one (returns whether it trained):
+        a signal waits for its end, to be saved with it."""
         c = self.cfg.cold_start
+        self._doing = "the cold start"
         if c.sft_steps > 0:
             if c.sft_data:
                 examples = data_mod.load_jsonl(c.sft_data, require_completion=True)
@@ -282,27 +311,30 @@ class GRPOTrainer:
                     "or a 'completion' column in the dataset"
                 )
             # Data parallel under torchrun: each rank its own batches, FSDP averages gradients.
-            loss = run_sft(
-                self.model,
-                self.tokenizer,
-                pairs,
-                steps=c.sft_steps,
-                lr=c.sft_learning_rate,
-                batch_size=c.sft_batch_size,
-                seed=self.cfg.run.seed + self.rank,
-                show_progress=self.cfg.run.progress and dist_mod.is_main(),
-            )
+            with self.signals.phase("defer"):
+                loss = run_sft(
+                    self.model,
+                    self.tokenizer,
+                    pairs,
+                    steps=c.sft_steps,
+                    lr=c.sft_learning_rate,
+                    batch_size=c.sft_batch_size,
+                    seed=self.cfg.run.seed + self.rank,
+                    show_progress=self.cfg.run.progress and dist_mod.is_main(),
+                )
             if dist_mod.is_main():
                 print(f"cold start: {c.sft_steps} SFT steps, final loss {loss:.3f}", flush=True)
-            # The reference of the RL stage is the cold-started policy: keep it on disk.
-            lora_mod.save_full_model(self.model, self.tokenizer, self.run_dir / "cold-start")
-            if self.parts.lora is not None:
-                # The cold start's adapters become the base (the reference, with the adapters
-                # off) and GRPO's start from zero; cold-start/ holds that base, merged.
-                lora_mod.merge_and_reset(
-                    self.model, base=self.run_dir / "cold-start", seed=self.cfg.run.seed
-                )
+            with self.signals.phase("hold"):
+                # The reference of the RL stage is the cold-started policy: keep it on disk.
+                lora_mod.save_full_model(self.model, self.tokenizer, self.run_dir / "cold-start")
+                if self.parts.lora is not None:
+                    # The cold start's adapters become the base (the reference, with the
+                    # adapters off) and GRPO's start from zero; cold-start/ holds that base.
+                    lora_mod.merge_and_reset(
+                        self.model, base=self.run_dir / "cold-start", seed=self.cfg.run.seed
+                    )
         self.state["sft_done"] = True
+        return c.sft_steps > 0
 
     def save_checkpoint(self) -> None:
         """A collective under torchrun: every rank writes its shard. Never from non-finite
@@ -316,14 +348,17 @@ class GRPOTrainer:
                 f"the weights hold NaN or inf: not writing a checkpoint over "
                 f"{self.run_dir / 'checkpoint'}"
             )
-        save_checkpoint(
-            self.run_dir / "checkpoint",
-            self.model,
-            self.tokenizer,
-            self.optimizer,
-            self.scheduler,
-            copy.deepcopy(self.state),
-        )
+        # Whole or not at all, whatever signals come meanwhile (a second Ctrl-C included).
+        with self.signals.phase("hold"):
+            save_checkpoint(
+                self.run_dir / "checkpoint",
+                self.model,
+                self.tokenizer,
+                self.optimizer,
+                self.scheduler,
+                copy.deepcopy(self.state),
+            )
+        self._saved_step = self.state["step"]
 
     # --- one GRPO step ----------------------------------------------------------------
 

@@ -14,8 +14,14 @@ import sys
 from .. import distributed
 from ..build import build_trainer
 from ..config import parse_config
-from ..trainer import Interrupted, NonFiniteError
+from ..files import DirectoryLocked
+from ..interrupts import Interrupted, Signals, Stop
+from ..trainer import NonFiniteError
 from .args import BAD_INPUT, bad_input, failed_write
+
+# Exit statuses besides 0 (done), 1 (the run stopped: non-finite values, a full disk),
+# 2 (bad input) and 128 + the signal (130 Ctrl-C, 143 SIGTERM).
+IN_USE = 3  # another grpo-train writes the --output-dir
 
 # A failed write never replaces the last checkpoint, so the run goes on from there.
 RETRY = (
@@ -26,19 +32,35 @@ RETRY = (
 
 def main(argv: list[str] | None = None) -> int:
     finished = False
+    # A signal during start-up stops it at once: the failed start removes what it created.
+    # trainer.train() handles them itself; one after it returns waits here (the run is done).
+    signals = Signals(mode="drop")
     try:
-        config = parse_config(argv)
-        trainer = build_trainer(config)  # joins torchrun's process group, if any
-        summary = trainer.train()
-        main_process = distributed.is_main()
-        finished = True
+        with signals.installed():
+            config = parse_config(argv)
+            trainer = build_trainer(config)  # joins torchrun's process group, if any
+            with signals.phase("hold"):
+                summary = trainer.train()
+                main_process = distributed.is_main()
+                finished = True
     except BAD_INPUT as e:  # bad input: a message, not a traceback
         return bad_input("grpo-train", e)
+    except DirectoryLocked as e:
+        print(f"grpo-train: error: {e}", file=sys.stderr)
+        return IN_USE
     except NonFiniteError as e:  # the run diverged: say so and where the good state is
         print(f"grpo-train: stopped: {e}", file=sys.stderr)
         return 1
-    except Interrupted as e:  # Ctrl-C or SIGTERM: the checkpoint is written
+    except Interrupted as e:  # Ctrl-C or SIGTERM: the last good state is on disk
         print(f"grpo-train: interrupted: {e}", file=sys.stderr, flush=True)
+        return 128 + e.signum
+    except Stop as e:
+        print(
+            f"grpo-train: interrupted: {e} during start-up; nothing was kept: run the same "
+            f"command again",
+            file=sys.stderr,
+            flush=True,
+        )
         return 128 + e.signum
     except Exception as e:  # a full disk, a read-only directory: say so, else a traceback
         status = failed_write("grpo-train", e, retry=RETRY, option="--output-dir")

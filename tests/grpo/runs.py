@@ -16,10 +16,14 @@ SMALL_RUN = ["--steps", "6", "--sft-steps", "2", "--prompts-per-step", "2",
              "--no-dynamic-sampling", "--temperature", "1.0", "--device", "cpu"]
 
 
-def grpo_train(out, *flags, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
+def grpo_train(out, *flags, prefix: tuple[str, ...] = (), patch: str = "") -> subprocess.Popen:
     """grpo-train SMALL_RUN --output-dir out *flags, in the background; prefix: a command
-    that wraps it (unshare ...)."""
-    return subprocess.Popen([*prefix, sys.executable, "-m", "grpo.cli.train", *SMALL_RUN,
+    that wraps it (unshare ...); patch: Python code the process runs before grpo-train's
+    main (to send itself a signal at a chosen moment)."""
+    command = ["-m", "grpo.cli.train"]
+    if patch:
+        command = ["-c", f"import sys\n{patch}\nfrom grpo.cli.train import main\nsys.exit(main())"]
+    return subprocess.Popen([*prefix, sys.executable, *command, *SMALL_RUN,
                              "--output-dir", str(out), *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
 

@@ -93,7 +93,12 @@ def test_layout_and_the_hf_export(tiny, tmp_path):
     _step(model, opt, sched)
     path = save_checkpoint(tmp_path / "checkpoint", model, tok, opt, sched, {"step": 1})
     assert sorted(p.name for p in path.iterdir()) == \
-        ["dcp", "model", "state.json", "trainer_state.pt"]
+        ["checksums.json", "dcp", "model", "state.json", "trainer_state.pt"]
+    checksums = json.loads((path / "checksums.json").read_text())
+    assert checksums["algorithm"] == "sha256"
+    assert sorted(checksums["files"]) == sorted(
+        p.relative_to(path).as_posix() for p in path.rglob("*")
+        if p.is_file() and p.name != "checksums.json")
     assert sorted(p.name for p in (path / "dcp").iterdir()) == [".metadata", "__0_0.distcp"]
     trainer_state = torch.load(path / "trainer_state.pt", weights_only=True)
     assert trainer_state["version"] == grpo.checkpoint.FORMAT_VERSION
@@ -174,6 +179,15 @@ def test_find_checkpoint_prefers_a_complete_new_one(tiny, tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+def _without_checksums(path: Path) -> Path:
+    """The checkpoint as a version before checksums wrote it."""
+    (path / "checksums.json").unlink()
+    trainer_state = torch.load(path / "trainer_state.pt", weights_only=True)
+    del trainer_state["checksums"]
+    torch.save(trainer_state, path / "trainer_state.pt")
+    return path
+
+
 def test_incomplete_checkpoints_fail_clearly(tiny, tmp_path):
     model, tok, opt, sched = _setup(tiny)
     good = save_checkpoint(tmp_path / "good", model, tok, opt, sched, {"step": 1})
@@ -188,7 +202,13 @@ def test_incomplete_checkpoints_fail_clearly(tiny, tmp_path):
         shutil.rmtree(target) if target.is_dir() else target.unlink()
         with pytest.raises(FileNotFoundError, match=rf"no-{name}.*missing {name}"):
             load_checkpoint(bad, model, opt, sched, device="cpu")
+        _without_checksums(bad) if name != "trainer_state.pt" else None
+        with pytest.raises(FileNotFoundError, match=rf"no-{name}.*missing {name}"):
+            load_checkpoint(bad, model, opt, sched, device="cpu")
 
+    # What a checkpoint without checksums (an older one) still gets checked for: checksums
+    # would refuse each of these first (test_a_damaged_file_is_refused_before_loading).
+    good = _without_checksums(good)
     bad = tmp_path / "truncated"
     shutil.copytree(good, bad)
     data = (bad / "trainer_state.pt").read_bytes()
@@ -212,6 +232,64 @@ def test_incomplete_checkpoints_fail_clearly(tiny, tmp_path):
     shard.write_bytes(shard.read_bytes()[:1000])
     with pytest.raises(ValueError, match="torn-shard/dcp: cannot load"):
         load_checkpoint(bad, model, opt, sched, device="cpu")
+
+
+@pytest.mark.parametrize("name", ["dcp/__0_0.distcp", "dcp/.metadata", "trainer_state.pt",
+                                  "model/model.safetensors", "state.json", "checksums.json"])
+def test_a_damaged_file_is_refused_before_loading(tiny, tmp_path, name):
+    """A byte changed anywhere in the checkpoint (here in the middle of each file): refused,
+    naming the file, and the model, optimizer and scheduler are left as they were."""
+    model, tok, opt, sched = _setup(tiny)
+    _step(model, opt, sched)
+    path = save_checkpoint(tmp_path / "checkpoint", model, tok, opt, sched, {"step": 1})
+    data = bytearray((path / name).read_bytes())
+    data[len(data) // 2] ^= 0x40
+    (path / name).write_bytes(bytes(data))
+    model2, _, opt2, sched2 = _setup(tiny)
+    before = _params(model2)
+    expected = (rf"{path / name}: unreadable" if name == "checksums.json" else
+                rf"{path / name}: damaged, its contents differ from the checksum recorded")
+    with pytest.raises(ValueError, match=expected):
+        load_checkpoint(path, model2, opt2, sched2, device="cpu")
+    for key, p in model2.named_parameters():
+        assert torch.equal(p, before[key]), key
+    assert not opt2.state and sched2.last_epoch == 0
+
+
+def test_checkpoints_without_checksums(tiny, tmp_path):
+    """One saved before checksums were recorded loads as before; one of ours that lost its
+    checksums.json is refused (its trainer state says it had one)."""
+    model, tok, opt, sched = _setup(tiny)
+    _step(model, opt, sched)
+    path = save_checkpoint(tmp_path / "checkpoint", model, tok, opt, sched, {"step": 1})
+    (path / "checksums.json").unlink()
+    model2, _, opt2, sched2 = _setup(tiny)
+    with pytest.raises(ValueError, match=r"checksums.json: missing, so the checkpoint cannot "
+                                         r"be checked"):
+        load_checkpoint(path, model2, opt2, sched2, device="cpu")
+    _without_checksums(save_checkpoint(path, model, tok, opt, sched, {"step": 1}))
+    assert load_checkpoint(path, model2, opt2, sched2, device="cpu") == {"step": 1}
+    for key, p in model2.named_parameters():
+        assert torch.equal(p, model.get_parameter(key)), key
+
+
+def test_a_checkpoint_before_the_first_step_changes_nothing(tiny, tmp_path):
+    """Saving (the cold start's checkpoint) and loading a checkpoint whose optimizer has not
+    stepped yet leave the optimizer without state: DCP's zero state (Adam's step count 1)
+    would change the bias correction of every following step."""
+    torch.manual_seed(0)
+    model, tok, opt, sched = _setup(tiny)
+    path = save_checkpoint(tmp_path / "checkpoint", model, tok, opt, sched, {"step": 0})
+    assert not opt.state
+    model2, _, opt2, sched2 = _setup(tiny)
+    load_checkpoint(path, model2, opt2, sched2, device="cpu")
+    assert not opt2.state
+    torch.manual_seed(1)
+    _step(model, opt, sched)
+    torch.manual_seed(1)
+    _step(model2, opt2, sched2)
+    for key, p in model2.named_parameters():
+        assert torch.equal(p, model.get_parameter(key)), key
 
 
 def test_mismatched_optimizer_or_scheduler_changes_nothing(tiny, tmp_path):
@@ -279,6 +357,7 @@ def test_a_newer_format_is_refused(tiny, tmp_path):
     model, tok, opt, sched = _setup(tiny)
     path = save_checkpoint(tmp_path / "checkpoint", model, tok, opt, sched, {"step": 1})
     trainer_state = torch.load(path / "trainer_state.pt", weights_only=True)
+    _without_checksums(path)  # not to be refused as damaged first
     torch.save({**trainer_state, "version": 3}, path / "trainer_state.pt")
     with pytest.raises(ValueError, match="checkpoint format 3; this version of the trainer "
                                          "reads format 2 only"):

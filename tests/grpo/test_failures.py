@@ -4,7 +4,9 @@ traceback), a documented exit status, and no file of the user's deleted or overw
 Resume checks against the saved config, a failed start that cleans up after itself, a full
 disk and a read-only directory (real ones: a small tmpfs and a read-only bind mount in a
 private mount namespace), bad files, the output rules of grpo-sft, grpo-sample and grpo-eval,
-and random SIGKILLs resumed to the metrics of an uninterrupted run."""
+a second run refused from a live run's directory, SIGINT and SIGTERM at every stage of a run
+(real processes that signal themselves at a chosen moment), a checkpoint damaged on disk, and
+random SIGKILLs resumed to the metrics of an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import torch
 import grpo.cli.eval
 import grpo.cli.sample
 import grpo.cli.sft
-from grpo.cli.train import main
+from grpo.cli.train import IN_USE, main
 from grpo.metrics import read_metrics
 from grpo.models import make_tiny
 
@@ -234,6 +236,180 @@ def test_sample_and_eval_outputs_are_not_overwritten(tmp_path, capsys):
         assert command([*common, *keep, "--output", str(path)]) == 2
         assert "exists; pass --overwrite" in capsys.readouterr().err
         assert command([*common, *keep, "--output", str(path), "--overwrite"]) == 0
+
+
+# --- one run per directory ------------------------------------------------------------------
+
+# Holds the run before its first GRPO step until the file OUT.go exists.
+HOLD = """
+import pathlib, time, grpo.trainer
+_run_steps = grpo.trainer.GRPOTrainer._run_steps
+def run_steps(self, logger):
+    while not pathlib.Path(str(self.run_dir) + ".go").exists():
+        time.sleep(0.05)
+    return _run_steps(self, logger)
+grpo.trainer.GRPOTrainer._run_steps = run_steps
+"""
+
+
+def test_a_live_runs_directory_is_refused_to_a_second_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    live = grpo_train(out, patch=HOLD)
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").exists():  # started: past the cold start
+        assert live.poll() is None and time.monotonic() < deadline, live.communicate()
+        time.sleep(0.05)
+    before = _tree(out)
+    # A new run, --resume and --overwrite: each refused before it reads or changes anything.
+    for flags in ([], ["--resume"], ["--overwrite"]):
+        code, err = _train(capsys, out, *flags)
+        assert code == IN_USE, (flags, err)
+        assert err == (f"grpo-train: error: --output-dir {out} is in use by another run "
+                       f"(process {live.pid}): wait for it to end or choose another directory; "
+                       f"nothing was changed\n"), err
+        assert _tree(out) == before
+    (tmp_path / "run.go").touch()
+    _, err = live.communicate(timeout=180)
+    assert live.returncode == 0, err
+    assert steps_done(out / "metrics.jsonl") == int(SMALL_RUN[1])
+    # Once it has ended, its directory is free again: --overwrite replaces it.
+    assert _train(capsys, out, "--overwrite")[0] == 0
+    assert steps_done(out / "metrics.jsonl") == 1
+
+
+# --- SIGINT and SIGTERM at every stage -------------------------------------------------------
+
+# Code a grpo-train process runs first, to send itself `signum` at one moment of the run.
+AT = {
+    "start-up": """
+import os, grpo.build
+_load_policy = grpo.build._load_policy
+def load_policy(*args):
+    os.kill(os.getpid(), {signum})
+    return _load_policy(*args)
+grpo.build._load_policy = load_policy
+""",
+    "cold start": """
+import os, grpo.trainer
+_run_sft = grpo.trainer.run_sft
+def run_sft(*args, **kwargs):
+    os.kill(os.getpid(), {signum})
+    return _run_sft(*args, **kwargs)
+grpo.trainer.run_sft = run_sft
+""",
+    "last evaluation": """
+import os, grpo.trainer
+_evaluate = grpo.trainer.GRPOTrainer.evaluate
+def evaluate(self):
+    if self.state["step"] == self.cfg.optim.steps:
+        os.kill(os.getpid(), {signum})
+    return _evaluate(self)
+grpo.trainer.GRPOTrainer.evaluate = evaluate
+""",
+    # Ctrl-C during step 2, and again while its checkpoint is written (trainer_state.pt).
+    "step, then the save": """
+import os, grpo.trainer, grpo.files
+_step = grpo.trainer.GRPOTrainer.step
+def step(self):
+    if self.state["step"] == 1:
+        os.kill(os.getpid(), {signum})
+    return _step(self)
+grpo.trainer.GRPOTrainer.step = step
+_torch_save = grpo.files.torch_save
+def torch_save(obj, path):
+    if obj["state"]["step"] == 2:
+        os.kill(os.getpid(), {signum})
+    return _torch_save(obj, path)
+grpo.files.torch_save = torch_save
+""",
+    "step, twice": """
+import os, grpo.trainer
+_step = grpo.trainer.GRPOTrainer.step
+def step(self):
+    if self.state["step"] == 1:
+        os.kill(os.getpid(), {signum})
+        os.kill(os.getpid(), {signum})
+    return _step(self)
+grpo.trainer.GRPOTrainer.step = step
+""",
+}
+
+# (when, signal, what the one line says, the step of the checkpoint left (None: the start-up
+# removed the directory), whether to resume it and compare with an uninterrupted run)
+SIGNAL_CASES = [
+    ("start-up", signal.SIGINT, "SIGINT during start-up; nothing was kept", None, False),
+    ("start-up", signal.SIGTERM, "SIGTERM during start-up; nothing was kept", None, False),
+    ("cold start", signal.SIGTERM, "SIGTERM after the cold start", 0, True),
+    ("cold start", signal.SIGINT, "SIGINT after the cold start", 0, False),
+    ("last evaluation", signal.SIGINT, "SIGINT during the evaluation after GRPO", 3, True),
+    ("last evaluation", signal.SIGTERM, "SIGTERM during the evaluation after GRPO", 3, False),
+    ("step, then the save", signal.SIGINT, "SIGINT after step 2", 2, True),
+    ("step, twice", signal.SIGINT, "SIGINT twice, stopped at once", 0, False),
+]
+SHORT = ["--steps", "3", "--eval-size", "4"]  # after SMALL_RUN's: these win
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("whole") / "run"
+    proc = grpo_train(out, *SHORT)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    return [comparable(x) for x in read_metrics(out / "metrics.jsonl")]
+
+
+@pytest.mark.parametrize("when, signum, says, step, resume", SIGNAL_CASES,
+                         ids=[f"{c[0]}-{c[1].name}" for c in SIGNAL_CASES])
+def test_a_signal_anywhere_keeps_the_last_good_state(tmp_path, request, when, signum, says,
+                                                       step, resume):
+    """The run ends with one line, 128 + signal and the last good state on disk: the
+    cold start's own checkpoint, the GRPO steps' when the last evaluation is interrupted, a
+    whole checkpoint when a second Ctrl-C comes while it is written; --resume then finishes
+    the run as if nothing had happened."""
+    out = tmp_path / "run"
+    proc = grpo_train(out, *SHORT, patch=AT[when].format(signum=int(signum)))
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 128 + signum, err
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"grpo-train: interrupted: {says}"), last
+    if step is None:
+        assert "run the same command again" in last and not out.exists()
+        return
+    path = out / "checkpoint"
+    assert last.endswith(f"checkpoint in {path} (step {step}); continue with the same command "
+                         f"and --resume"), last
+    assert json.loads((path / "state.json").read_text())["step"] == step
+    assert steps_done(out / "metrics.jsonl") >= step  # --resume drops the lines after it
+    assert (out / "cold-start").is_dir() and not (out / "final").exists()
+    if not resume:
+        return
+    proc = grpo_train(out, *SHORT, "--resume")
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    assert (out / "final").is_dir()
+    metrics = [comparable(x) for x in read_metrics(out / "metrics.jsonl")]
+    assert metrics == request.getfixturevalue("uninterrupted")
+
+
+# --- a damaged checkpoint --------------------------------------------------------------------
+
+
+def test_a_damaged_checkpoint_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(capsys, out)[0] == 0
+    shard = out / "checkpoint" / "dcp" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 8):  # inside the tensor data
+        data[i] ^= 0x55
+    shard.write_bytes(bytes(data))
+    before = _tree(out)
+    code, err = _train(capsys, out, "--resume")
+    assert code == 2, err
+    assert err.startswith(f"grpo-train: error: {shard}: damaged, its contents differ from the "
+                          f"checksum recorded at the save; nothing was loaded"), err
+    assert len(err.strip().splitlines()) == 1
+    assert _tree(out) == before  # the good files of the run are all still there
 
 
 # --- SIGKILL at random moments ---------------------------------------------------------------

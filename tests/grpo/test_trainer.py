@@ -335,7 +335,10 @@ def test_non_finite_steps_in_a_row_stop_before_any_checkpoint(tmp_path, capsys):
     before = [p.detach().clone() for p in trainer.model.parameters()]
     with pytest.raises(NonFiniteError, match="2 steps in a row had a non-finite loss"):
         trainer.train()
-    assert not (tmp_path / "run" / "checkpoint").exists()
+    # The only checkpoint is the cold start's (step 0): the steps wrote none.
+    checkpoint = tmp_path / "run" / "checkpoint"
+    assert json.loads((checkpoint / "state.json").read_text())["step"] == 0
+    cold_start = sorted((p, p.read_bytes()) for p in checkpoint.rglob("*") if p.is_file())
     assert trainer.state["step"] == 2  # steps 1 and 2 ran; the third raised
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(),
@@ -345,7 +348,7 @@ def test_non_finite_steps_in_a_row_stop_before_any_checkpoint(tmp_path, capsys):
         next(trainer.model.parameters()).fill_(float("nan"))
     with pytest.raises(NonFiniteError, match="not writing a checkpoint"):
         trainer.save_checkpoint()
-    assert not (tmp_path / "run" / "checkpoint").exists()
+    assert sorted((p, p.read_bytes()) for p in checkpoint.rglob("*") if p.is_file()) == cold_start
 
 
 def test_overwrite_deletes_only_what_a_run_wrote(tmp_path):
