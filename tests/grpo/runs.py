@@ -1,5 +1,6 @@
-"""Real grpo-train processes for the tests that signal, kill or starve them: a small run's
-flags, starting one, waiting for its metrics, and the metrics that must agree across runs."""
+"""Real grpo-train runs for the tests: one in-process with the fastest flags (`train_in_process`),
+and processes for the tests that signal, kill or starve them: a small run's flags, starting
+one, waiting for its metrics, and the metrics that must agree across runs."""
 
 from __future__ import annotations
 
@@ -8,7 +9,22 @@ import sys
 import time
 from pathlib import Path
 
+from grpo.cli.train import main
+
 REPO = Path(__file__).resolve().parents[2]
+
+FAST = ["--steps", "1", "--sft-steps", "1", "--prompts-per-step", "2", "--num-generations", "2",
+        "--max-completion-length", "8", "--eval-size", "4", "--micro-batch-size", "4",
+        "--no-progress", "--device", "cpu"]
+
+
+def train_in_process(capsys, out, *flags) -> tuple[int, str]:
+    """grpo-train FAST --output-dir out *flags in this process: (exit status, its stderr),
+    which must hold no traceback."""
+    code = main([*FAST, "--output-dir", str(out), *flags])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
 
 SMALL_RUN = ["--steps", "6", "--sft-steps", "2", "--prompts-per-step", "2",
              "--num-generations", "4", "--max-completion-length", "12", "--eval-size", "8",

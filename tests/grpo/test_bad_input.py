@@ -9,19 +9,11 @@ import pytest
 
 import grpo.cli.eval
 import grpo.cli.sft
-from grpo.cli.train import main
 from grpo.models import make_tiny
 
-FAST = ["--steps", "1", "--sft-steps", "1", "--prompts-per-step", "2", "--num-generations", "2",
-        "--max-completion-length", "8", "--eval-size", "4", "--micro-batch-size", "4",
-        "--no-progress", "--device", "cpu"]
+from .runs import train_in_process
 
-
-def _train(capsys, out, *flags) -> tuple[int, str]:
-    code = main([*FAST, "--output-dir", str(out), *flags])
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return code, err
+_train = train_in_process
 
 
 def test_sft_data_rows_without_completion(tmp_path, capsys):

@@ -24,22 +24,13 @@ import torch
 import grpo.cli.eval
 import grpo.cli.sample
 import grpo.cli.sft
-from grpo.cli.train import IN_USE, main
+from grpo.cli.train import IN_USE
 from grpo.metrics import read_metrics
 from grpo.models import make_tiny
 
-from .runs import SMALL_RUN, comparable, grpo_train, steps_done
+from .runs import SMALL_RUN, comparable, grpo_train, steps_done, train_in_process
 
-FAST = ["--steps", "1", "--sft-steps", "1", "--prompts-per-step", "2", "--num-generations", "2",
-        "--max-completion-length", "8", "--eval-size", "4", "--micro-batch-size", "4",
-        "--no-progress", "--device", "cpu"]
-
-
-def _train(capsys, out, *flags) -> tuple[int, str]:
-    code = main([*FAST, "--output-dir", str(out), *flags])
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return code, err
+_train = train_in_process
 
 
 def _tree(path: Path) -> dict[str, bytes]:
