@@ -337,7 +337,7 @@ def _packing(cfg: GRPOConfig, model) -> bool:
     """--packing / --no-packing; by default on where attention stays within each sequence:
     flash-attention (its varlen kernel) and sdpa (grpo.packing's segment attention), and with
     a token budget. Eager and flex attention would get a dense block-diagonal mask over the
-    whole packed row, whose L^2 attention measured slower than padding (README, Packing)."""
+    whole packed row, whose L^2 attention measured slower than padding (docs/packing.md)."""
     if cfg.optim.packing is not None:
         return bool(cfg.optim.packing)
     attention = getattr(model.config, "_attn_implementation", "") or ""

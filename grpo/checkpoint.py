@@ -265,8 +265,11 @@ def file_digests(root: Path, names: list[str]) -> dict[str, str]:
     hashlib releases the GIL, and a checkpoint holds a few large files (the shards)."""
 
     def digest(name: str) -> str:
-        with open(root / name, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+        h = hashlib.sha256()
+        with open(root / name, "rb") as f:  # (hashlib.file_digest is Python >= 3.11 only)
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        return h.hexdigest()
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         return dict(zip(names, pool.map(digest, names), strict=True))

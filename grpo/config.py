@@ -278,7 +278,7 @@ class OptimConfig:
         "padding-free training forwards: a micro-batch's sequences in one row, the lm_head on "
         "completion tokens only (same loss and gradients); None: on with flash-attention, sdpa "
         "(attention per sequence) or --micro-batch-tokens, off with eager attention (see "
-        "README, Packing)",
+        "docs/packing.md)",
     )
     micro_batch_tokens: int = _f(
         0, "with packing: micro-batches of at most this many tokens (0: micro_batch_size rows)"

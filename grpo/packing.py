@@ -23,7 +23,7 @@ completion, fed only when the router's aux loss needs every token) gets -1: it r
 
 Attention within each sequence. flash-attention's varlen kernel does it from the positions. sdpa
 (the default elsewhere) would get a dense block-diagonal mask over the whole packed row, whose
-L^2 attention cost more than padding saved (the README's Packing figures); with
+L^2 attention cost more than padding saved (docs/packing.md's figures); with
 `use_segment_attention` the model's attention becomes SEGMENT_ATTENTION instead: sdpa as before
 for every other forward, and for a packed one (the `packed_segments` keyword, which
 transformers hands down to the attention) causal sdpa over each sequence alone, sequences of

@@ -30,7 +30,7 @@ Function tests are graded by a process the program never runs in (grpo/rewards/s
 the program answers calls with plain data, and the test's asserts run on those answers in a
 clean interpreter, so no object, global, builtin or exit path of the program can pass a test
 for it. What remains in the program's hands is its answers, and the names the test takes
-from it besides the entry point (README, Code rewards).
+from it besides the entry point (docs/code-rewards.md).
 """
 
 from __future__ import annotations

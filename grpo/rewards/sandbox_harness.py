@@ -186,6 +186,17 @@ def _print_exception(skip=1):
         pass
 
 
+def _exit_with_traceback():
+    """The candidate's end after its program raised: the traceback as python3 prints it, then
+    os._exit(1) (no atexit handler, no thread join)."""
+    _print_exception()
+    try:
+        sys.stderr.flush()
+    except BaseException:
+        pass
+    os._exit(1)
+
+
 def _fresh_main():
     """stdio on descriptors 0-2 and a fresh __main__ module, as `python3 main.py` has."""
     import builtins
@@ -454,12 +465,7 @@ def _candidate(job):
     except SystemExit as e:
         os._exit(_exit_code(e))
     except BaseException:
-        _print_exception()
-        try:
-            sys.stderr.flush()
-        except BaseException:
-            pass
-        os._exit(1)
+        _exit_with_traceback()
     try:
         while True:
             payload = read_frame(_CALLS)
@@ -469,12 +475,7 @@ def _candidate(job):
     except MemoryError:
         os._exit(MEMORY_EXIT)
     except BaseException:
-        _print_exception()
-        try:
-            sys.stderr.flush()
-        except BaseException:
-            pass
-        os._exit(1)
+        _exit_with_traceback()
 
 
 # The builtin exceptions by name, as the harness started (a program may rebind the names).

@@ -11,9 +11,7 @@ import grpo.cli.eval
 import grpo.cli.sft
 from grpo.models import make_tiny
 
-from .runs import train_in_process
-
-_train = train_in_process
+from .runs import train_in_process as _train
 
 
 def test_sft_data_rows_without_completion(tmp_path, capsys):

@@ -28,9 +28,8 @@ from grpo.cli.train import IN_USE
 from grpo.metrics import read_metrics
 from grpo.models import make_tiny
 
-from .runs import SMALL_RUN, comparable, grpo_train, steps_done, train_in_process
-
-_train = train_in_process
+from .runs import SMALL_RUN, comparable, grpo_train, steps_done
+from .runs import train_in_process as _train
 
 
 def _tree(path: Path) -> dict[str, bytes]:
